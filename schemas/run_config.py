@@ -1,0 +1,165 @@
+"""The whole run configuration: one sub-model per role plus model, data, algorithm and schedule.
+
+Loaded from YAML with dotted ``--set`` overrides by ``pipeline.config_io``; the resolved config is written
+into the run directory at start-up. Unknown keys are rejected everywhere (``Strict``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from schemas.config import PolicyLossConfig, Resources, Strict
+from schemas.data_config import DataConfig, TinyModelConfig
+from schemas.verifier_config import VerifierConfig
+
+
+class ModelConfig(Strict):
+    path: str | None = Field(
+        None, description="Local HF model directory (or hub id where a hub is reachable); None = embedded tiny model."
+    )
+    tiny: TinyModelConfig = TinyModelConfig()
+    trust_remote_code: bool = False
+
+
+class AdvantageConfig(Strict):
+    name: Literal["grpo", "rloo", "reinforce_pp"] = Field("grpo", description="Outcome-advantage estimator.")
+    norm_by_std: bool = Field(True, description="GRPO: divide by the group std (False = Dr.GRPO).")
+    eps: float = Field(1e-6, gt=0, description="Added to the std before dividing.")
+
+
+class AlgorithmConfig(Strict):
+    advantage: AdvantageConfig = AdvantageConfig()
+    policy_loss: PolicyLossConfig = PolicyLossConfig()
+    entropy_coef: float = Field(0.0, ge=0, description="Entropy bonus coefficient (paper: 0).")
+    kl_coef: float = Field(0.0, ge=0, description="KL-to-reference loss coefficient (paper: 0). >0 starts the reference role.")
+    kl_estimator: Literal["k1", "k2", "k3"] = Field("k3", description="KL estimator for the reference loss.")
+
+
+class GeneratorConfig(Strict):
+    replicas: int = Field(1, ge=1, description="vLLM engine replicas; prompts are split across them.")
+    resources: Resources = Resources(num_cpus=1.0)
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature; the learner scales logits by it too.")
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_new_tokens: int = Field(48, ge=1)
+    max_model_len: int = Field(256, ge=16)
+    tensor_parallel_size: int = Field(1, ge=1, description="vLLM tensor parallel per replica (GPU).")
+    kv_cache_gib: float = Field(1.0, gt=0, description="CPU KV-cache size (VLLM_CPU_KVCACHE_SPACE).")
+    gpu_memory_utilization: float = Field(0.5, gt=0, le=1)
+    threads: int = Field(1, ge=1, description="Torch/OpenMP threads inside the engine.")
+    engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="Extra vllm.LLM(...) arguments.")
+
+
+class ReferenceConfig(Strict):
+    replicas: int = Field(1, ge=1)
+    resources: Resources = Resources(num_cpus=0.5)
+    enabled: Literal["auto", "always", "never"] = Field(
+        "auto", description="'auto' starts the reference only when algorithm.kl_coef > 0."
+    )
+    micro_batch_size: int = Field(64, ge=1)
+    threads: int = Field(1, ge=1)
+
+
+class LearnerConfig(Strict):
+    ranks: int = Field(1, ge=1, description="DeepSpeed data-parallel ranks (one Ray actor each).")
+    resources: Resources = Resources(num_cpus=1.0)
+    zero_stage: int = Field(2, ge=0, le=3)
+    lr: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(0, ge=0, description="Linear LR warm-up, in optimizer updates.")
+    grad_clip: float = Field(1.0, gt=0)
+    mini_batches: int = Field(4, ge=1, description="Optimizer updates per rollout batch per epoch (KL-Cov needs > 1).")
+    epochs: int = Field(1, ge=1, description="PPO epochs over each rollout batch.")
+    micro_batch_size: int = Field(64, ge=1, description="Sequences per forward/backward (gradient accumulation).")
+    selection_scope: Literal["mini_batch", "micro_batch"] = Field(
+        "mini_batch",
+        description="Where Clip-Cov/KL-Cov pick tokens: over the whole optimizer mini-batch across micro-batches "
+        "and ranks (covrl, split-invariant), or per micro-batch (reference code behaviour).",
+    )
+    threads: int = Field(1, ge=1)
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    max_bad_steps: int = Field(3, ge=1, description="Stop after this many consecutive non-finite updates.")
+    measure_entropy_change_every: int = Field(
+        1, ge=0, description="Every N steps, one extra forward measures the entropy after the update (0 = never)."
+    )
+
+
+class MetricsConfig(Strict):
+    resources: Resources = Resources(num_cpus=0.0)
+    tensorboard: bool = True
+    collapse_fraction: float = Field(0.3, gt=0, lt=1, description="Warn when entropy < this fraction of its initial value.")
+    surge_factor: float = Field(2.0, gt=1, description="Warn when entropy > this multiple of its initial value.")
+    inspector_every: int = Field(10, ge=0, description="Save the top tokens by covariance every N steps (0 = never).")
+    inspector_top_k: int = Field(20, ge=1)
+
+
+class ScheduleConfig(Strict):
+    steps: int = Field(60, ge=1, description="RL steps (rollout batches).")
+    prompts_per_step: int = Field(32, ge=1)
+    group_size: int = Field(8, ge=1, description="Responses sampled per prompt (GRPO n).")
+    eval_every: int = Field(10, ge=0, description="Held-out evaluation every N steps (0 = only start and end).")
+    eval_prompts: int = Field(256, ge=1)
+    eval_samples: int = Field(4, ge=1, description="Samples per eval prompt: pass@1 and mean@k.")
+    eval_temperature: float = Field(1.0, gt=0)
+    checkpoint_every: int = Field(20, ge=0, description="Checkpoint every N steps (0 = only at the end).")
+    keep_checkpoints: int = Field(2, ge=1)
+    mode: Literal["sync", "async"] = Field("sync", description="'async': generation of step t+1 overlaps learning of step t.")
+    seed: int = 0
+
+
+class RayConfig(Strict):
+    address: str | None = Field(None, description="Existing cluster ('auto' inside `ray job submit`); None starts a local one.")
+    num_cpus: int | None = Field(None, ge=1, description="CPUs of a local cluster (None = Ray's default).")
+    namespace: str = "covrl"
+
+
+class RunConfig(Strict):
+    name: str = Field("default", pattern=r"^[A-Za-z0-9._-]+$")
+    run_dir: str = Field("runs/{name}", description="Output directory; '{name}' is replaced by the run name.")
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    algorithm: AlgorithmConfig = AlgorithmConfig()
+    generator: GeneratorConfig = GeneratorConfig()
+    verifier: VerifierConfig = VerifierConfig()
+    reference: ReferenceConfig = ReferenceConfig()
+    learner: LearnerConfig = LearnerConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    ray: RayConfig = RayConfig()
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> RunConfig:
+        n = self.schedule.prompts_per_step * self.schedule.group_size
+        split = self.learner.mini_batches * self.learner.ranks
+        if n % split:
+            raise ValueError(
+                f"schedule.prompts_per_step * schedule.group_size = {n} must be divisible by "
+                f"learner.mini_batches * learner.ranks = {split}"
+            )
+        if self.reference.enabled == "never" and self.algorithm.kl_coef > 0:
+            raise ValueError("algorithm.kl_coef > 0 needs the reference role: set reference.enabled to 'auto'")
+        return self
+
+    @property
+    def use_reference(self) -> bool:
+        return self.reference.enabled == "always" or (
+            self.reference.enabled == "auto" and self.algorithm.kl_coef > 0
+        )
+
+    def warnings(self) -> list[str]:
+        """Settings that are valid but probably not what the user wants."""
+        out = []
+        loss = self.algorithm.policy_loss
+        if loss.name == "kl_cov" and self.learner.mini_batches * self.learner.epochs == 1:
+            out.append(
+                "kl_cov with one optimizer update per rollout batch is a no-op (|logp - old_logp| = 0 "
+                "on-policy): set learner.mini_batches > 1 (the paper uses 8)"
+            )
+        if loss.name == "kl_cov" and loss.kl_cov_beta < 1:
+            out.append(f"kl_cov_beta={loss.kl_cov_beta}: the paper and its scripts use 1 (verl's 0.1 default is a trap)")
+        return out
+
+    def resolved_run_dir(self) -> str:
+        return self.run_dir.replace("{name}", self.name)
+

@@ -1,0 +1,165 @@
+"""The learner's update is split-invariant: micro-batch size and data-parallel width do not change it.
+
+Uses a tiny Llama built from a config and a plain torch optimizer (the real DeepSpeed path is tested
+end to end in test_pipeline_e2e.py); "ranks" here are threads that average gradients, as DeepSpeed does.
+"""
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from pipeline.model_forward import make_micro_batch, response_logprobs
+from pipeline.ppo_update import ppo_update
+from schemas.batches import Ragged, TrainBatch
+from schemas.config import PolicyLossConfig
+from schemas.run_config import AlgorithmConfig, LearnerConfig
+
+
+def tiny_model(seed=0):
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=24, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                      num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True)
+    return LlamaForCausalLM(cfg).float()
+
+
+def random_batch(n=24, seed=0):
+    rng = np.random.default_rng(seed)
+    seqs, plen = [], []
+    for _ in range(n):
+        p = int(rng.integers(2, 6))
+        r = int(rng.integers(1, 9))
+        seqs.append(rng.integers(3, 24, size=p + r).tolist())
+        plen.append(p)
+    sq = Ragged.from_lists(seqs)
+    rt = int(sq.values.shape[0] - sum(plen))
+    return TrainBatch(step=1, policy_version=0, sequences=sq, prompt_lengths=np.array(plen, np.int32),
+                      advantages=rng.normal(size=n).astype(np.float32),
+                      sampler_logprobs=np.full(rt, -3.0, np.float32), group_ids=np.repeat(np.arange(n // 4), 4))
+
+
+class SGDTrainable:
+    def __init__(self, model, lr=0.5):
+        self.module = model
+        self.opt = torch.optim.SGD(model.parameters(), lr=lr)
+
+    def backward(self, loss):
+        loss.backward()
+
+    def step(self):
+        self.opt.step()
+        self.opt.zero_grad()
+        return None
+
+
+def test_response_logprobs_match_naive_forward():
+    model = tiny_model()
+    batch = random_batch()
+    mb = make_micro_batch(batch, np.arange(len(batch)))
+    lp, ent = response_logprobs(model, mb, temperature=0.7)
+    for i in range(len(batch)):
+        seq = torch.tensor([batch.sequences.row(i).tolist()])
+        full = torch.log_softmax(model(seq).logits[0] / 0.7, -1)
+        p = int(batch.prompt_lengths[i])
+        resp = seq[0, p:]
+        want = full[p - 1 : p - 1 + len(resp)].gather(1, resp[:, None])[:, 0]
+        torch.testing.assert_close(lp[i, : len(resp)], want, atol=1e-5, rtol=1e-5)
+        assert (lp[i, len(resp):] == 0).all()
+
+
+def run_update(model, batch, loss_name, micro, mini=3):
+    algo = AlgorithmConfig(policy_loss=PolicyLossConfig(name=loss_name, clip_cov_lb=-10.0, clip_cov_ub=10.0,
+                                                        clip_cov_ratio=0.2, kl_cov_ratio=0.2))
+    learner = LearnerConfig(micro_batch_size=micro, mini_batches=mini)
+    return ppo_update(SGDTrainable(model), batch, algo=algo, learner=learner, temperature=1.0, seed=7)
+
+
+@pytest.mark.parametrize("loss_name", ["ppo", "clip_cov", "kl_cov"])
+def test_micro_batch_size_does_not_change_the_update(loss_name):
+    batch = random_batch()
+    a, b = tiny_model(), tiny_model()
+    ma = run_update(a, batch, loss_name, micro=3)
+    mb = run_update(b, batch, loss_name, micro=64)
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(pa, pb, atol=2e-5, rtol=1e-4)
+    moved = sum((pa - pb0).abs().sum() for pa, pb0 in zip(a.parameters(), tiny_model().parameters()))
+    assert moved > 1e-3, "the update must actually change the weights"
+    if loss_name != "ppo":
+        assert ma["actor/cov/selected_frac"] == pytest.approx(mb["actor/cov/selected_frac"], rel=1e-5)
+        assert ma["actor/cov/selected_frac"] > 0
+
+
+class ThreadRanks:
+    """W threads with a shared barrier: all_gather and gradient averaging like a DP group."""
+
+    def __init__(self, world):
+        self.world, self.barrier = world, threading.Barrier(world)
+        self.slots = [None] * world
+        self.models = [None] * world
+
+    def all_gather(self, rank, x):
+        self.slots[rank] = x
+        self.barrier.wait()
+        out = list(self.slots)
+        self.barrier.wait()
+        return out
+
+    def trainable(self, rank, model):
+        ranks = self
+
+        class T(SGDTrainable):
+            def step(self):
+                ranks.barrier.wait()
+                if rank == 0:  # average grads across ranks (DeepSpeed's all-reduce mean)
+                    for ps in zip(*[m.parameters() for m in ranks.models]):
+                        g = sum(p.grad if p.grad is not None else torch.zeros_like(p) for p in ps) / ranks.world
+                        for p in ps:
+                            p.grad = g.clone()
+                ranks.barrier.wait()
+                return super().step()
+
+        self.models[rank] = model
+        return T(model)
+
+
+@pytest.mark.parametrize("loss_name", ["ppo", "clip_cov", "kl_cov"])
+def test_two_ranks_equal_one_rank(loss_name):
+    torch.set_num_threads(1)
+    batch = random_batch()
+    single = tiny_model()
+    run_update(single, batch, loss_name, micro=4)
+    ranks = ThreadRanks(2)
+    models = [tiny_model(), tiny_model()]
+    algo = AlgorithmConfig(policy_loss=PolicyLossConfig(name=loss_name, clip_cov_lb=-10.0, clip_cov_ub=10.0,
+                                                        clip_cov_ratio=0.2, kl_cov_ratio=0.2))
+    learner = LearnerConfig(micro_batch_size=4, mini_batches=3)
+    errors = []
+
+    def work(rank):
+        try:
+            ppo_update(ranks.trainable(rank, models[rank]), batch, algo=algo, learner=learner, temperature=1.0, seed=7,
+                       rank=rank, world_size=2, all_gather=lambda x: ranks.all_gather(rank, x))
+        except Exception as e:  # surfaced below
+            errors.append(e)
+            ranks.barrier.abort()
+
+    threads = [threading.Thread(target=work, args=(r,)) for r in range(2)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert not errors, errors
+    for p1, p2 in zip(single.parameters(), models[0].parameters()):
+        torch.testing.assert_close(p1, p2, atol=2e-5, rtol=1e-4)
+    for p1, p2 in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(p1, p2)
+
+
+def test_entropy_change_is_measured_when_asked():
+    batch = random_batch()
+    algo = AlgorithmConfig()
+    m = ppo_update(SGDTrainable(tiny_model()), batch, algo=algo, learner=LearnerConfig(mini_batches=2),
+                   temperature=1.0, seed=1, measure_entropy_change=True)
+    assert m["entropy/measured_change"] == pytest.approx(m["entropy/after_update"] - m["entropy/mean"])
+    assert m["entropy/measured_change"] != 0.0
+    assert m["actor/updates"] == 2
