@@ -34,3 +34,28 @@ def node_id() -> str:
 
 def where(role: str, replica: int) -> dict[str, object]:
     return {"role": role, "replica": replica, "node_id": node_id(), "pid": os.getpid(), "host": socket.gethostname()}
+
+
+class MetricsClient:
+    """Sends a role's own MetricsRecord (tagged with its node) to the named metrics actor.
+
+    The send waits for the actor to take the record (~1 ms), so a step's records are all in before
+    the driver flushes that step: no record is attributed to the wrong step.
+    """
+
+    def __init__(self, actor_name: str | None, role: str, replica: int) -> None:
+        self.actor_name, self.role, self.replica = actor_name, role, replica
+        self._handle = None
+        self._node = node_id()
+
+    def send(self, step: int, metrics: dict[str, float], tables: dict | None = None) -> None:
+        if self.actor_name is None:
+            return
+        import ray
+
+        from schemas.batches import MetricsRecord
+
+        if self._handle is None:
+            self._handle = ray.get_actor(self.actor_name)
+        rec = MetricsRecord(step=step, role=self.role, replica=self.replica, node_id=self._node, metrics=metrics, tables=tables or {})
+        ray.get(self._handle.record.remote(rec))

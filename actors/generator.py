@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from actors._runtime import pin_threads, where
+from actors._runtime import MetricsClient, pin_threads, where
 from schemas.batches import FINISH_REASONS, PromptBatch, Ragged, RolloutBatch
 from typing import TYPE_CHECKING
 
@@ -26,8 +26,11 @@ if TYPE_CHECKING:
 class Generator:
     """Samples ``n`` responses per prompt and reloads weights by version. Thin shell over vLLM."""
 
-    def __init__(self, cfg: GeneratorConfig, model_path: str, *, replica: int = 0, seed: int = 0) -> None:
+    def __init__(
+        self, cfg: GeneratorConfig, model_path: str, *, replica: int = 0, seed: int = 0, metrics_actor: str | None = None
+    ) -> None:
         pin_threads(cfg.threads)
+        self.metrics = MetricsClient(metrics_actor, "generator", replica)
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(round(cfg.kv_cache_gib)))))
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
@@ -59,6 +62,7 @@ class Generator:
         n: int,
         temperature: float | None = None,
         max_new_tokens: int | None = None,
+        report: bool = True,
     ) -> tuple[RolloutBatch, dict[str, float]]:
         """B prompts -> RolloutBatch of B*n responses (group-major) and timing stats."""
         t0 = time.perf_counter()
@@ -93,7 +97,10 @@ class Generator:
         )
         seconds = time.perf_counter() - t0
         tokens = float(responses.values.shape[0])
-        return batch, {"time/generate": seconds, "tokens": tokens, "throughput/generate_tokens_per_s": tokens / seconds}
+        stats = {"time/generate": seconds, "tokens": tokens, "throughput/generate_tokens_per_s": tokens / seconds}
+        if report:
+            self.metrics.send(prompts.step, {f"generator/{self.replica}/{k}": v for k, v in stats.items()})
+        return batch, stats
 
     def load_weights(self, named_arrays: list[tuple[str, np.ndarray]], version: int) -> float:
         """Reload HF-named weights from the learner (one object, zero-copy from the object store)."""

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from actors._runtime import pin_threads, where
+from actors._runtime import MetricsClient, pin_threads, where
 from schemas.batches import LearnerStats, TrainBatch
 
 if TYPE_CHECKING:
@@ -77,8 +77,10 @@ class Learner:
         master_port: int = 29500,
         seed: int = 0,
         temperature: float = 1.0,
+        metrics_actor: str | None = None,
     ) -> None:
         pin_threads(cfg.threads)
+        self.metrics = MetricsClient(metrics_actor, "learner", rank)
         import torch
 
         gpu = torch.cuda.is_available()
@@ -137,6 +139,7 @@ class Learner:
         metrics["time/learner"] = seconds
         metrics["throughput/learner_tokens_per_s"] = tokens / seconds
         metrics["actor/lr"] = float(self.engine.get_lr()[0])
+        self.metrics.send(step, {f"learner/{self.rank}/time": seconds, f"learner/{self.rank}/tokens": float(tokens)})
         return LearnerStats(step=step, policy_version=self.version, rank=self.rank, metrics=metrics, tokens=tokens, time_s=seconds)
 
     def get_weights(self) -> list[tuple[str, np.ndarray]] | None:

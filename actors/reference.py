@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from actors._runtime import pin_threads, where
+from actors._runtime import MetricsClient, pin_threads, where
 from schemas.batches import TrainBatch
 
 if TYPE_CHECKING:
@@ -18,8 +18,11 @@ if TYPE_CHECKING:
 
 
 class Reference:
-    def __init__(self, cfg: ReferenceConfig, model_path: str, *, replica: int = 0, temperature: float = 1.0) -> None:
+    def __init__(
+        self, cfg: ReferenceConfig, model_path: str, *, replica: int = 0, temperature: float = 1.0, metrics_actor: str | None = None
+    ) -> None:
         pin_threads(cfg.threads)
+        self.metrics = MetricsClient(metrics_actor, "reference", replica)
         import torch
         from transformers import AutoModelForCausalLM
 
@@ -40,4 +43,6 @@ class Reference:
         logp, _ = batch_logprobs(
             self.model, batch, rows, micro_batch_size=self.cfg.micro_batch_size, temperature=self.temperature, with_entropy=False
         )
-        return logp, {"time/reference": time.perf_counter() - t0}
+        seconds = time.perf_counter() - t0
+        self.metrics.send(batch.step, {f"reference/{self.replica}/time": seconds})
+        return logp, {"time/reference": seconds}

@@ -43,7 +43,7 @@ def encode_prompts(rows: list[dict[str, Any]], tokenizer: Any, step: int) -> Pro
     ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
     return PromptBatch(
         step=step,
-        prompt_ids=np.asarray([int(r["id"]) for r in rows], dtype=np.int64),
+        prompt_ids=np.asarray([int(r["index"]) for r in rows], dtype=np.int64),
         tokens=Ragged.from_lists(ids),
         texts=texts,
         ground_truths=[str(r["ground_truth"]) for r in rows],
@@ -103,7 +103,7 @@ class Trainer:
         return time.perf_counter() - t0
 
     # ------------------------------------------------------------------ the step
-    def train_step(self, step: int) -> dict[str, Any]:
+    def train_step(self, step: int) -> tuple[dict[str, float], list[int]]:
         cfg, sched = self.cfg, self.cfg.schedule
         t_step = time.perf_counter()
         prompts = encode_prompts(self.data.stream.next_batch(sched.prompts_per_step), self.data.tokenizer, step)
@@ -124,7 +124,7 @@ class Trainer:
         sync_s = self.sync_weights()
         metrics = self._step_metrics(scored, stats[0].metrics, gen_stats, ref_time, sync_s)
         metrics["time/step"] = time.perf_counter() - t_step
-        return metrics
+        return metrics, prompts.prompt_ids.tolist()
 
     def _step_metrics(self, scored, learner_metrics, gen_stats, ref_time, sync_s) -> dict[str, float]:
         rollout = scored.rollout
@@ -151,7 +151,7 @@ class Trainer:
         rows = self.data.eval_rows[: sched.eval_prompts]
         prompts = encode_prompts(rows, self.data.tokenizer, step)
         t0 = time.perf_counter()
-        rollout, _ = self.generate(prompts, sched.eval_samples, temperature=sched.eval_temperature)
+        rollout, _ = self.generate(prompts, sched.eval_samples, temperature=sched.eval_temperature, report=False)
         scored = self.score(rollout)
         correct = (scored.rewards.reshape(len(rows), sched.eval_samples) >= 1.0)
         return {
@@ -176,10 +176,13 @@ class Trainer:
             m: dict[str, float] = {}
             if step == 1 or (sched.eval_every and (step - 1) % sched.eval_every == 0):
                 m |= self.evaluate(step)
-            m |= self.train_step(step)
+            train_metrics, prompt_ids = self.train_step(step)
+            m |= train_metrics
             if step == sched.steps:
                 m |= {k.replace("eval/", "final/"): v for k, v in self.evaluate(step).items()}
-            self.roles.metrics.record.remote(MetricsRecord(step=step, role="driver", metrics=m))
+            # The prompt ids of every step are kept so a resumed run can be checked against the data order.
+            tables = {"prompt_ids": [{"step": step, "ids": prompt_ids}]}
+            self.roles.metrics.record.remote(MetricsRecord(step=step, role="driver", metrics=m, tables=tables))
             row = ray.get(self.roles.metrics.flush_step.remote(step))
             rows.append(row)
             self.progress.update(row)

@@ -9,6 +9,7 @@ group created so far has been released.
 from __future__ import annotations
 
 import socket
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -74,9 +75,15 @@ def start_roles(cfg: RunConfig, model_path: str, run_dir: str, *, resume_after_s
     return roles
 
 
+def _info(actor: Any) -> Any:
+    # Every role answers info(); the verifier's spelling is ping().
+    method = getattr(actor, "info", None) or actor.ping
+    return method.remote()
+
+
 def _wait_ready(role: str, actors: list[Any], timeout_s: float) -> None:
     try:
-        ray.get([a.info.remote() for a in actors], timeout=timeout_s)
+        ray.get([_info(a) for a in actors], timeout=timeout_s)
     except ray.exceptions.GetTimeoutError:
         raise RoleStartError(
             f"{role}: not ready after {timeout_s:.0f}s — are its resources available on the cluster? "
@@ -96,9 +103,10 @@ def _root_cause(e: BaseException) -> str:
 
 def _start(roles: Roles, cfg: RunConfig, model_path: str, run_dir: str, resume_after_step: int | None, timeout_s: float) -> None:
     temp, seed = cfg.generator.temperature, cfg.schedule.seed
+    metrics_name = f"metrics-{cfg.name}-{uuid.uuid4().hex[:8]}"
     roles.metrics = (
         ray.remote(Metrics)
-        .options(**actor_options(cfg.metrics.resources, name=f"metrics-{cfg.name}", get_if_exists=False))
+        .options(**actor_options(cfg.metrics.resources, name=metrics_name))
         .remote(cfg.metrics, run_dir, resume_after_step=resume_after_step)
     )
     _wait_ready("metrics", [roles.metrics], timeout_s)
@@ -124,11 +132,12 @@ def _start(roles: Roles, cfg: RunConfig, model_path: str, run_dir: str, resume_a
         .remote(
             cfg.learner, cfg.algorithm, model_path,
             rank=rank, world_size=cfg.learner.ranks, master_addr=addr, master_port=port, seed=seed, temperature=temp,
+            metrics_actor=metrics_name,
         )
         for rank in range(cfg.learner.ranks)
     ]
     roles.generators = [
-        ray.remote(Generator).options(**actor_options(cfg.generator.resources)).remote(cfg.generator, model_path, replica=i, seed=seed)
+        ray.remote(Generator).options(**actor_options(cfg.generator.resources)).remote(cfg.generator, model_path, replica=i, seed=seed, metrics_actor=metrics_name)
         for i in range(cfg.generator.replicas)
     ]
     roles.verifiers = [
@@ -137,7 +146,7 @@ def _start(roles: Roles, cfg: RunConfig, model_path: str, run_dir: str, resume_a
     ]
     if cfg.use_reference:
         roles.references = [
-            ray.remote(Reference).options(**actor_options(cfg.reference.resources)).remote(cfg.reference, model_path, replica=i, temperature=temp)
+            ray.remote(Reference).options(**actor_options(cfg.reference.resources)).remote(cfg.reference, model_path, replica=i, temperature=temp, metrics_actor=metrics_name)
             for i in range(cfg.reference.replicas)
         ]
     _wait_ready("verifier", roles.verifiers, timeout_s)
@@ -169,4 +178,4 @@ def stop_roles(roles: Roles) -> None:
 
 def placement_report(roles: Roles) -> list[dict[str, Any]]:
     """Where each actor runs (role, replica, node) — logged into the run dir and metrics."""
-    return ray.get([a.info.remote() for a in roles.all_actors()])
+    return ray.get([_info(a) for a in roles.all_actors()])
