@@ -116,11 +116,13 @@ class Learner:
         dist.all_gather_object(out, x)
         return out
 
-    def train_step(self, batch: TrainBatch, *, step: int, measure_entropy_change: bool = False) -> LearnerStats:
+    def train_step(
+        self, batch: TrainBatch, *, step: int, measure_entropy_change: bool = False, inspect_top_k: int = 0
+    ) -> LearnerStats:
         from pipeline.ppo_update import ppo_update
 
         t0 = time.perf_counter()
-        metrics = ppo_update(
+        result = ppo_update(
             _EngineTrainable(self.engine),
             batch,
             algo=self.algo,
@@ -131,8 +133,10 @@ class Learner:
             world_size=self.world_size,
             all_gather=self._all_gather,
             measure_entropy_change=measure_entropy_change,
+            inspect_top_k=inspect_top_k if self.rank == 0 else 0,
             full_logits=self.cfg.zero_stage == 3,
         )
+        metrics = result.metrics
         self.version += 1
         seconds = time.perf_counter() - t0
         tokens = int(batch.response_lengths.sum())
@@ -140,7 +144,10 @@ class Learner:
         metrics["throughput/learner_tokens_per_s"] = tokens / seconds
         metrics["actor/lr"] = float(self.engine.get_lr()[0])
         self.metrics.send(step, {f"learner/{self.rank}/time": seconds, f"learner/{self.rank}/tokens": float(tokens)})
-        return LearnerStats(step=step, policy_version=self.version, rank=self.rank, metrics=metrics, tokens=tokens, time_s=seconds)
+        return LearnerStats(
+            step=step, policy_version=self.version, rank=self.rank, metrics=metrics, tokens=tokens, time_s=seconds,
+            top_tokens=result.top_tokens,
+        )
 
     def get_weights(self) -> list[tuple[str, np.ndarray]] | None:
         """HF-named fp32 weights for the generators (rank 0). Under ZeRO-3 every rank must call it:

@@ -56,7 +56,10 @@ class VerifierWorker:
         return scores, [o.reason for o in outcomes], stats
 
     def ping(self) -> dict[str, object]:
+        """Where this replica runs and its isolated worker pids (readiness check, tests)."""
         return {**where("verifier", self.replica), "worker_pids": self._scorer.worker_pids()}
+
+    info = ping  # the spelling the other roles use
 
     def close(self) -> None:
         self._scorer.close()

@@ -52,6 +52,10 @@ def encode_prompts(rows: list[dict[str, Any]], tokenizer: Any, step: int) -> Pro
     )
 
 
+def _every(n: int, step: int) -> bool:
+    return n > 0 and step % n == 0
+
+
 class Trainer:
     def __init__(self, cfg: RunConfig, run_dir: str, roles: Roles, data: DataSource, *, start_step: int = 0, version: int = 0) -> None:
         self.cfg, self.run_dir, self.roles, self.data = cfg, run_dir, roles, data
@@ -118,13 +122,35 @@ class Trainer:
             train = train.model_copy(update={"ref_logprobs": ref_logp})
             ref_time = time.perf_counter() - t0
         train_ref = ray.put(train)
-        measure = cfg.learner.measure_entropy_change_every > 0 and step % cfg.learner.measure_entropy_change_every == 0
-        stats = ray.get([lr.train_step.remote(train_ref, step=step, measure_entropy_change=measure) for lr in self.roles.learners])
+        measure = _every(cfg.learner.measure_entropy_change_every, step)
+        top_k = cfg.metrics.inspector_top_k if _every(cfg.metrics.inspector_every, step) else 0
+        stats = ray.get(
+            [lr.train_step.remote(train_ref, step=step, measure_entropy_change=measure, inspect_top_k=top_k) for lr in self.roles.learners]
+        )
         self.version = stats[0].policy_version
         sync_s = self.sync_weights()
         metrics = self._step_metrics(scored, stats[0].metrics, gen_stats, ref_time, sync_s)
         metrics["time/step"] = time.perf_counter() - t_step
-        return metrics, prompts.prompt_ids.tolist()
+        tables = {"prompt_ids": [{"step": step, "ids": prompts.prompt_ids.tolist()}]}
+        if stats[0].top_tokens:
+            tables["inspector"] = self._inspect(train, scored, stats[0].top_tokens)
+        return metrics, tables
+
+    def _inspect(self, train, scored, top_tokens) -> list[dict[str, Any]]:
+        """Decode the high-covariance tokens with their context so a user can read what drives collapse."""
+        tok = self.data.tokenizer
+        out = []
+        for t in top_tokens:
+            row, pos = int(t["row"]), int(t["t"])
+            seq = train.sequences.row(row)
+            p_len = int(train.prompt_lengths[row])
+            out.append(t | {
+                "token": tok.decode([int(seq[p_len + pos])]),
+                "context": tok.decode(seq[max(0, p_len + pos - 48) : p_len + pos].tolist()),
+                "response": scored.rollout.response_texts[row],
+                "reward": float(scored.rewards[row]),
+            })
+        return out
 
     def _step_metrics(self, scored, learner_metrics, gen_stats, ref_time, sync_s) -> dict[str, float]:
         rollout = scored.rollout
@@ -176,12 +202,11 @@ class Trainer:
             m: dict[str, float] = {}
             if step == 1 or (sched.eval_every and (step - 1) % sched.eval_every == 0):
                 m |= self.evaluate(step)
-            train_metrics, prompt_ids = self.train_step(step)
+            # tables: the prompt ids of the step (data-order checks on resume) and the token inspector
+            train_metrics, tables = self.train_step(step)
             m |= train_metrics
             if step == sched.steps:
                 m |= {k.replace("eval/", "final/"): v for k, v in self.evaluate(step).items()}
-            # The prompt ids of every step are kept so a resumed run can be checked against the data order.
-            tables = {"prompt_ids": [{"step": step, "ids": prompt_ids}]}
             self.roles.metrics.record.remote(MetricsRecord(step=step, role="driver", metrics=m, tables=tables))
             row = ray.get(self.roles.metrics.flush_step.remote(step))
             rows.append(row)

@@ -20,6 +20,7 @@ the old one, so the pass is skipped and the old log-probs are reused.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
@@ -92,9 +93,11 @@ def ppo_update(
     world_size: int = 1,
     all_gather: AllGather = single_process_gather,
     measure_entropy_change: bool = False,
+    inspect_top_k: int = 0,
     full_logits: bool = False,
-) -> dict[str, float]:
-    """Runs the update in place on ``trainable`` and returns step metrics (identical on every rank)."""
+) -> UpdateResult:
+    """Runs the update in place on ``trainable``; returns step metrics (identical on every rank) and,
+    when ``inspect_top_k`` > 0, the batch's top tokens by covariance (before the update)."""
     model, loss_cfg = trainable.module, algo.policy_loss
     loss_fn = get_policy_loss(loss_cfg.name)
     n = len(batch)
@@ -109,6 +112,7 @@ def ppo_update(
     own = _flat_positions(batch, static_rows)
     old_flat, ent_flat = _gather_full(all_gather, batch, static_rows, own, old_local[own], ent_local[own])
     metrics = _step_start_metrics(batch, old_flat, ent_flat, adv_flat)
+    top_tokens = _top_covariance_tokens(batch, old_flat, adv_flat, inspect_top_k) if inspect_top_k else []
 
     gen = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -151,7 +155,30 @@ def ppo_update(
         (ent_after,) = _gather_full(all_gather, batch, static_rows, own, ent_after_local[own])
         metrics["entropy/after_update"] = float(ent_after.mean())
         metrics["entropy/measured_change"] = metrics["entropy/after_update"] - metrics["entropy/mean"]
-    return metrics
+    return UpdateResult(metrics, top_tokens)
+
+
+@dataclass
+class UpdateResult:
+    metrics: dict[str, float]
+    top_tokens: list[dict[str, float]] = field(default_factory=list)
+
+
+def _top_covariance_tokens(batch: TrainBatch, old: np.ndarray, adv: np.ndarray, k: int) -> list[dict[str, float]]:
+    """The k tokens with the largest covariance term (A - mean A)(logp - mean logp): the ones that
+    drive entropy down. ``row``/``t`` locate them (sample row, response position)."""
+    cov = (adv - adv.mean()) * (old - old.mean())
+    k = min(k, cov.shape[0])
+    top = np.argpartition(-cov, k - 1)[:k] if k else np.zeros(0, np.int64)
+    top = top[np.argsort(-cov[top])]
+    offsets = np.zeros(len(batch) + 1, dtype=np.int64)
+    np.cumsum(batch.response_lengths, out=offsets[1:])
+    rows = np.searchsorted(offsets, top, side="right") - 1
+    return [
+        {"row": int(r), "t": int(i - offsets[r]), "cov": float(cov[i]), "advantage": float(adv[i]),
+         "logprob": float(old[i]), "prob": float(np.exp(old[i]))}
+        for i, r in zip(top, rows)
+    ]
 
 
 def _flat_positions(batch: TrainBatch, rows: np.ndarray) -> np.ndarray:

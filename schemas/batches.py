@@ -255,6 +255,9 @@ class LearnerStats(ArrayModel):
     metrics: dict[str, float]
     tokens: int = Field(ge=0, description="Response tokens trained on by this rank.")
     time_s: float = Field(ge=0)
+    top_tokens: list[dict[str, float]] = Field(
+        default_factory=list, description="Top tokens by covariance (row, t, cov, advantage, logprob, prob)."
+    )
 
 
 class MetricsRecord(ArrayModel):

@@ -73,7 +73,7 @@ def run_update(model, batch, loss_name, micro, mini=3):
     algo = AlgorithmConfig(policy_loss=PolicyLossConfig(name=loss_name, clip_cov_lb=-10.0, clip_cov_ub=10.0,
                                                         clip_cov_ratio=0.2, kl_cov_ratio=0.2))
     learner = LearnerConfig(micro_batch_size=micro, mini_batches=mini)
-    return ppo_update(SGDTrainable(model), batch, algo=algo, learner=learner, temperature=1.0, seed=7)
+    return ppo_update(SGDTrainable(model), batch, algo=algo, learner=learner, temperature=1.0, seed=7).metrics
 
 
 @pytest.mark.parametrize("loss_name", ["ppo", "clip_cov", "kl_cov"])
@@ -158,8 +158,11 @@ def test_two_ranks_equal_one_rank(loss_name):
 def test_entropy_change_is_measured_when_asked():
     batch = random_batch()
     algo = AlgorithmConfig()
-    m = ppo_update(SGDTrainable(tiny_model()), batch, algo=algo, learner=LearnerConfig(mini_batches=2),
-                   temperature=1.0, seed=1, measure_entropy_change=True)
+    res = ppo_update(SGDTrainable(tiny_model()), batch, algo=algo, learner=LearnerConfig(mini_batches=2),
+                     temperature=1.0, seed=1, measure_entropy_change=True, inspect_top_k=5)
+    m = res.metrics
+    covs = [t["cov"] for t in res.top_tokens]
+    assert len(covs) == 5 and covs == sorted(covs, reverse=True) and covs[0] > 0
     assert m["entropy/measured_change"] == pytest.approx(m["entropy/after_update"] - m["entropy/mean"])
     assert m["entropy/measured_change"] != 0.0
     assert m["actor/updates"] == 2

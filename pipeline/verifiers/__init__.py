@@ -1,0 +1,24 @@
+"""Reward verifiers: the plug-in API (``Score``, ``Verifier``, ``register_verifier``, ``load_verifier``),
+the built-ins (``math``, ``exact``, ``numeric``, ``arithmetic``, ``code``, ``format``; imported on first
+lookup) and the worker-process isolation the verifier actor runs them in (``isolation.IsolatedScorer``).
+"""
+
+from pipeline.verifiers.base import (
+    Score,
+    Verifier,
+    VerifierLoadError,
+    load_verifier,
+    register_verifier,
+    registered_verifiers,
+    resolve_verifier_class,
+)
+
+__all__ = [
+    "Score",
+    "Verifier",
+    "VerifierLoadError",
+    "load_verifier",
+    "register_verifier",
+    "registered_verifiers",
+    "resolve_verifier_class",
+]
