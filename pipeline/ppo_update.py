@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -40,7 +40,7 @@ from pipeline.model_forward import batch_logprobs, make_micro_batch, micro_batch
 from schemas.batches import TrainBatch
 from schemas.run_config import AlgorithmConfig, LearnerConfig
 
-AllGather = Callable[[np.ndarray], list[np.ndarray]]
+AllGather = Callable[[Any], list[Any]]  # every rank's object, in rank order (all_gather_object)
 
 
 class Trainable(Protocol):
@@ -51,7 +51,7 @@ class Trainable(Protocol):
     def step(self) -> float | None: ...
 
 
-def single_process_gather(x: np.ndarray) -> list[np.ndarray]:
+def single_process_gather(x: Any) -> list[Any]:
     return [x]
 
 
@@ -77,8 +77,15 @@ class _Accumulator:
         for k, v in stats.items():
             self.sums[k] = self.sums.get(k, 0.0) + float(v) * weight
 
-    def means(self, prefix: str = "") -> dict[str, float]:
-        return {prefix + k: v / max(self.weight, 1e-12) for k, v in self.sums.items()}
+    def global_means(self, gather: AllGather, prefix: str = "") -> dict[str, float]:
+        """Means over every rank's micro-batches (so every rank reports the same numbers)."""
+        parts = gather((self.sums, self.weight))
+        weight = sum(w for _, w in parts)
+        sums: dict[str, float] = {}
+        for part, _ in parts:
+            for k, v in part.items():
+                sums[k] = sums.get(k, 0.0) + v
+        return {prefix + k: v / max(weight, 1e-12) for k, v in sums.items()}
 
 
 def ppo_update(
@@ -144,9 +151,9 @@ def ppo_update(
             updates += 1
             if grad_norm is not None:
                 grad_norms.append(float(grad_norm))
-    metrics |= acc.means("actor/")
+    metrics |= acc.global_means(all_gather, "actor/")
     metrics["actor/updates"] = float(updates)
-    metrics["actor/nonfinite_micro_batches"] = float(bad)
+    metrics["actor/nonfinite_micro_batches"] = float(sum(all_gather(bad)))
     if grad_norms:
         metrics["actor/grad_norm"] = float(np.mean(grad_norms))
     if measure_entropy_change:
