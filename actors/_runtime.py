@@ -33,7 +33,13 @@ def node_id() -> str:
 
 
 def where(role: str, replica: int) -> dict[str, object]:
-    return {"role": role, "replica": replica, "node_id": node_id(), "pid": os.getpid(), "host": socket.gethostname()}
+    return {
+        "role": role,
+        "replica": replica,
+        "node_id": node_id(),
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+    }
 
 
 class MetricsClient:
@@ -57,5 +63,12 @@ class MetricsClient:
 
         if self._handle is None:
             self._handle = ray.get_actor(self.actor_name)
-        rec = MetricsRecord(step=step, role=self.role, replica=self.replica, node_id=self._node, metrics=metrics, tables=tables or {})
+        rec = MetricsRecord(
+            step=step,
+            role=self.role,
+            replica=self.replica,
+            node_id=self._node,
+            metrics=metrics,
+            tables=tables or {},
+        )
         ray.get(self._handle.record.remote(rec))

@@ -11,13 +11,12 @@ from __future__ import annotations
 import os
 import time
 import warnings
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from actors._runtime import MetricsClient, pin_threads, where
 from schemas.batches import FINISH_REASONS, PromptBatch, Ragged, RolloutBatch
-from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from schemas.run_config import GeneratorConfig
@@ -27,7 +26,13 @@ class Generator:
     """Samples ``n`` responses per prompt and reloads weights by version. Thin shell over vLLM."""
 
     def __init__(
-        self, cfg: GeneratorConfig, model_path: str, *, replica: int = 0, seed: int = 0, metrics_actor: str | None = None
+        self,
+        cfg: GeneratorConfig,
+        model_path: str,
+        *,
+        replica: int = 0,
+        seed: int = 0,
+        metrics_actor: str | None = None,
     ) -> None:
         pin_threads(cfg.threads)
         self.metrics = MetricsClient(metrics_actor, "generator", replica)
@@ -62,6 +67,7 @@ class Generator:
         n: int,
         temperature: float | None = None,
         max_new_tokens: int | None = None,
+        ignore_eos: bool = False,
         report: bool = True,
     ) -> tuple[RolloutBatch, dict[str, float]]:
         """B prompts -> RolloutBatch of B*n responses (group-major) and timing stats."""
@@ -73,8 +79,11 @@ class Generator:
             max_tokens=max_new_tokens or self.cfg.max_new_tokens,
             logprobs=0,
             flat_logprobs=True,
+            ignore_eos=ignore_eos,
         )
-        requests = [self._prompt_cls(prompt_token_ids=prompts.tokens.row(i).tolist()) for i in range(len(prompts))]
+        requests = [
+            self._prompt_cls(prompt_token_ids=prompts.tokens.row(i).tolist()) for i in range(len(prompts))
+        ]
         outputs = self.llm.generate(requests, params, use_tqdm=False)
         seqs, logps, finish, texts = [], [], [], []
         for out in outputs:
@@ -84,7 +93,9 @@ class Generator:
                 finish.append(FINISH_REASONS.get(comp.finish_reason or "abort", FINISH_REASONS["abort"]))
                 texts.append(comp.text)
         responses = Ragged.from_lists(seqs)
-        flat_logps = np.fromiter((x for lp in logps for x in lp), dtype=np.float32, count=responses.values.shape[0])
+        flat_logps = np.fromiter(
+            (x for lp in logps for x in lp), dtype=np.float32, count=responses.values.shape[0]
+        )
         batch = RolloutBatch(
             prompts=prompts,
             group_size=n,
@@ -97,7 +108,11 @@ class Generator:
         )
         seconds = time.perf_counter() - t0
         tokens = float(responses.values.shape[0])
-        stats = {"time/generate": seconds, "tokens": tokens, "throughput/generate_tokens_per_s": tokens / seconds}
+        stats = {
+            "time/generate": seconds,
+            "tokens": tokens,
+            "throughput/generate_tokens_per_s": tokens / seconds,
+        }
         if report:
             self.metrics.send(prompts.step, {f"generator/{self.replica}/{k}": v for k, v in stats.items()})
         return batch, stats

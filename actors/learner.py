@@ -32,7 +32,11 @@ def deepspeed_config(cfg: LearnerConfig) -> dict[str, Any]:
         "zero_optimization": {"stage": cfg.zero_stage},
         "optimizer": {
             "type": "AdamW",
-            "params": {"lr": cfg.lr, "weight_decay": cfg.weight_decay, "torch_adam": not torch.cuda.is_available()},
+            "params": {
+                "lr": cfg.lr,
+                "weight_decay": cfg.weight_decay,
+                "torch_adam": not torch.cuda.is_available(),
+            },
         },
         "gradient_clipping": cfg.grad_clip,
         "bf16": {"enabled": cfg.dtype == "bfloat16"},
@@ -42,7 +46,12 @@ def deepspeed_config(cfg: LearnerConfig) -> dict[str, Any]:
     if cfg.warmup_steps:
         conf["scheduler"] = {
             "type": "WarmupLR",
-            "params": {"warmup_min_lr": 0.0, "warmup_max_lr": cfg.lr, "warmup_num_steps": cfg.warmup_steps, "warmup_type": "linear"},
+            "params": {
+                "warmup_min_lr": 0.0,
+                "warmup_max_lr": cfg.lr,
+                "warmup_num_steps": cfg.warmup_steps,
+                "warmup_type": "linear",
+            },
         }
     return conf
 
@@ -100,7 +109,9 @@ class Learner:
         deepspeed.init_distributed(dist_backend="nccl" if gpu else "gloo", auto_mpi_discovery=False)
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
         self.engine, *_ = deepspeed.initialize(
-            model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=deepspeed_config(cfg)
+            model=model,
+            model_parameters=[p for p in model.parameters() if p.requires_grad],
+            config=deepspeed_config(cfg),
         )
         self._deepspeed = deepspeed
 
@@ -143,9 +154,16 @@ class Learner:
         metrics["time/learner"] = seconds
         metrics["throughput/learner_tokens_per_s"] = tokens / seconds
         metrics["actor/lr"] = float(self.engine.get_lr()[0])
-        self.metrics.send(step, {f"learner/{self.rank}/time": seconds, f"learner/{self.rank}/tokens": float(tokens)})
+        self.metrics.send(
+            step, {f"learner/{self.rank}/time": seconds, f"learner/{self.rank}/tokens": float(tokens)}
+        )
         return LearnerStats(
-            step=step, policy_version=self.version, rank=self.rank, metrics=metrics, tokens=tokens, time_s=seconds,
+            step=step,
+            policy_version=self.version,
+            rank=self.rank,
+            metrics=metrics,
+            tokens=tokens,
+            time_s=seconds,
             top_tokens=result.top_tokens,
         )
 

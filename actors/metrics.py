@@ -30,7 +30,11 @@ class Metrics:
         self.history: list[dict[str, Any]] = _truncate_after(self.path, resume_after_step)
         self.pending: dict[int, dict[str, Any]] = {}
         self.sources: dict[int, list[dict[str, Any]]] = {}
-        self.law_points = [(r["entropy/mean"], r["eval/pass@1"]) for r in self.history if "eval/pass@1" in r and "entropy/mean" in r]
+        self.law_points = [
+            (r["entropy/mean"], r["eval/pass@1"])
+            for r in self.history
+            if "eval/pass@1" in r and "entropy/mean" in r
+        ]
         first = next((r["entropy/mean"] for r in self.history if "entropy/mean" in r), None)
         self.initial_entropy: float | None = first
         self.tb = None
@@ -46,7 +50,9 @@ class Metrics:
         merged = self.pending.setdefault(rec.step, {})
         for k, v in rec.metrics.items():
             merged[k] = float(v)
-        self.sources.setdefault(rec.step, []).append({"role": rec.role, "replica": rec.replica, "node_id": rec.node_id})
+        self.sources.setdefault(rec.step, []).append(
+            {"role": rec.role, "replica": rec.replica, "node_id": rec.node_id}
+        )
         for name, rows in rec.tables.items():
             table_dir = self.run_dir / name
             table_dir.mkdir(exist_ok=True)
@@ -87,7 +93,9 @@ class Metrics:
             row["entropy/relative"] = h / h0 if h0 else 1.0
             if h0 and h < self.cfg.collapse_fraction * h0:
                 row["alert/entropy_collapse"] = 1.0
-                warnings.append(f"entropy collapse: {h:.4f} < {self.cfg.collapse_fraction:.0%} of initial {h0:.4f}")
+                warnings.append(
+                    f"entropy collapse: {h:.4f} < {self.cfg.collapse_fraction:.0%} of initial {h0:.4f}"
+                )
             if h0 and h > self.cfg.surge_factor * h0:
                 row["alert/entropy_surge"] = 1.0
                 warnings.append(f"entropy surge: {h:.4f} > {self.cfg.surge_factor}x initial {h0:.4f}")

@@ -19,7 +19,13 @@ if TYPE_CHECKING:
 
 class Reference:
     def __init__(
-        self, cfg: ReferenceConfig, model_path: str, *, replica: int = 0, temperature: float = 1.0, metrics_actor: str | None = None
+        self,
+        cfg: ReferenceConfig,
+        model_path: str,
+        *,
+        replica: int = 0,
+        temperature: float = 1.0,
+        metrics_actor: str | None = None,
     ) -> None:
         pin_threads(cfg.threads)
         self.metrics = MetricsClient(metrics_actor, "reference", replica)
@@ -34,14 +40,21 @@ class Reference:
     def info(self) -> dict[str, object]:
         return where("reference", self.replica)
 
-    def logprobs(self, batch: TrainBatch, rows: np.ndarray | None = None) -> tuple[np.ndarray, dict[str, float]]:
+    def logprobs(
+        self, batch: TrainBatch, rows: np.ndarray | None = None
+    ) -> tuple[np.ndarray, dict[str, float]]:
         """Flat float32 reference log-probs over the response tokens of ``rows`` (others left 0)."""
         from pipeline.model_forward import batch_logprobs
 
         t0 = time.perf_counter()
         rows = np.arange(len(batch)) if rows is None else rows
         logp, _ = batch_logprobs(
-            self.model, batch, rows, micro_batch_size=self.cfg.micro_batch_size, temperature=self.temperature, with_entropy=False
+            self.model,
+            batch,
+            rows,
+            micro_batch_size=self.cfg.micro_batch_size,
+            temperature=self.temperature,
+            with_entropy=False,
         )
         seconds = time.perf_counter() - t0
         self.metrics.send(batch.step, {f"reference/{self.replica}/time": seconds})

@@ -13,9 +13,23 @@ SYMBOLS = list("0123456789+=;#")
 
 SIZES = {
     # the embedded tiny architecture (head_dim 32: a size vLLM's CPU attention supports)
-    "tiny": dict(hidden_size=192, intermediate_size=512, num_hidden_layers=4, num_attention_heads=6, num_key_value_heads=6, vocab_size=18),
+    "tiny": dict(
+        hidden_size=192,
+        intermediate_size=512,
+        num_hidden_layers=4,
+        num_attention_heads=6,
+        num_key_value_heads=6,
+        vocab_size=18,
+    ),
     # ~0.5B parameters, Qwen2.5-0.5B-like shape (vocab 151,936, tied embeddings)
-    "0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2, vocab_size=151_936),
+    "0.5b": dict(
+        hidden_size=896,
+        intermediate_size=4864,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        vocab_size=151_936,
+    ),
 }
 
 
@@ -28,8 +42,12 @@ def build_random_model(size: str, out_dir: str | Path) -> Path:
     tok.save_pretrained(out)
     spec = dict(SIZES[size])
     cfg = LlamaConfig(
-        **spec, max_position_embeddings=512, tie_word_embeddings=True,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+        **spec,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
     )
     torch.manual_seed(0)
     LlamaForCausalLM(cfg).save_pretrained(out)
@@ -42,7 +60,9 @@ def n_params(path: str | Path) -> int:
     total = 0
     with safe_open(str(Path(path) / "model.safetensors"), "pt") as f:
         for k in f.keys():
-            total += f.get_slice(k).get_shape().numel() if hasattr(f.get_slice(k).get_shape(), "numel") else int(
-                torch.tensor(f.get_slice(k).get_shape()).prod()
+            total += (
+                f.get_slice(k).get_shape().numel()
+                if hasattr(f.get_slice(k).get_shape(), "numel")
+                else int(torch.tensor(f.get_slice(k).get_shape()).prod())
             )
     return total

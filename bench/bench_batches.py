@@ -24,7 +24,9 @@ class Sink:
     """A consumer in another process: touches every array (so nothing is lazily skipped)."""
 
     def typed(self, batch: RolloutBatch) -> int:
-        return int(batch.responses.values[-1]) + int(batch.sampler_logprobs.shape[0]) + len(batch.response_texts)
+        return (
+            int(batch.responses.values[-1]) + int(batch.sampler_logprobs.shape[0]) + len(batch.response_texts)
+        )
 
     def bare(self, arrays: dict) -> int:
         return int(arrays["values"][-1]) + int(arrays["logprobs"].shape[0]) + len(arrays["texts"])
@@ -47,12 +49,21 @@ def make_arrays(rng):
 
 def typed_batch(a) -> RolloutBatch:
     prompts = PromptBatch(
-        step=0, prompt_ids=a["prompt_ids"], tokens=Ragged(values=a["prompt_values"], offsets=a["prompt_offsets"]),
-        texts=["p"] * B, ground_truths=["1"] * B, data_sources=["s"] * B,
+        step=0,
+        prompt_ids=a["prompt_ids"],
+        tokens=Ragged(values=a["prompt_values"], offsets=a["prompt_offsets"]),
+        texts=["p"] * B,
+        ground_truths=["1"] * B,
+        data_sources=["s"] * B,
     )
     return RolloutBatch(
-        prompts=prompts, group_size=G, policy_version=0, responses=Ragged(values=a["values"], offsets=a["offsets"]),
-        sampler_logprobs=a["logprobs"], finish_reasons=a["finish"], response_texts=a["texts"],
+        prompts=prompts,
+        group_size=G,
+        policy_version=0,
+        responses=Ragged(values=a["values"], offsets=a["offsets"]),
+        sampler_logprobs=a["logprobs"],
+        finish_reasons=a["finish"],
+        response_texts=a["texts"],
     )
 
 
@@ -84,9 +95,13 @@ def main() -> None:
     print(f"{'bare':10} {bare_min * 1e3:9.1f} {bare_med * 1e3:10.1f}")
     print(f"{'typed':10} {typed_min * 1e3:9.1f} {typed_med * 1e3:10.1f}")
     overhead = typed_min - bare_min
-    print(f"overhead (min): {overhead * 1e3:.2f} ms = {overhead / bare_min:+.2%} of bare; ratio typed/bare "
-          f"{typed_min / bare_min:.3f} (median {typed_med / bare_med:.3f})")
-    print(f"target: overhead < 2% of bare + 5 ms = {budget * 1e3:.1f} ms -> {'PASS' if overhead < budget else 'FAIL'}")
+    print(
+        f"overhead (min): {overhead * 1e3:.2f} ms = {overhead / bare_min:+.2%} of bare; ratio typed/bare "
+        f"{typed_min / bare_min:.3f} (median {typed_med / bare_med:.3f})"
+    )
+    print(
+        f"target: overhead < 2% of bare + 5 ms = {budget * 1e3:.1f} ms -> {'PASS' if overhead < budget else 'FAIL'}"
+    )
     ray.shutdown()
 
 

@@ -46,15 +46,24 @@ def main() -> None:
     rng = np.random.default_rng(0)
     prompt_ids = [[1, *rng.integers(4, 14, size=8).tolist()] for _ in range(args.prompts)]
     bare = LLM(model=str(model), dtype="float32", max_model_len=128, enforce_eager=True, seed=0)
-    params = SamplingParams(n=args.n, temperature=1.0, max_tokens=args.tokens, ignore_eos=True, logprobs=0, flat_logprobs=True)
+    params = SamplingParams(
+        n=args.n, temperature=1.0, max_tokens=args.tokens, ignore_eos=True, logprobs=0, flat_logprobs=True
+    )
     requests = [TokensPrompt(prompt_token_ids=p) for p in prompt_ids]
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    cfg = GeneratorConfig(threads=args.threads, max_model_len=128, max_new_tokens=args.tokens,
-                          engine_kwargs={})
+    cfg = GeneratorConfig(
+        threads=args.threads, max_model_len=128, max_new_tokens=args.tokens, engine_kwargs={}
+    )
     role = ray.remote(Generator).options(num_cpus=1).remote(cfg, str(model))
-    batch = PromptBatch(step=0, prompt_ids=np.arange(args.prompts, dtype=np.int64), tokens=Ragged.from_lists(prompt_ids),
-                        texts=[""] * args.prompts, ground_truths=[""] * args.prompts, data_sources=["b"] * args.prompts)
+    batch = PromptBatch(
+        step=0,
+        prompt_ids=np.arange(args.prompts, dtype=np.int64),
+        tokens=Ragged.from_lists(prompt_ids),
+        texts=[""] * args.prompts,
+        ground_truths=[""] * args.prompts,
+        data_sources=["b"] * args.prompts,
+    )
     ray.get(role.info.remote())
 
     def run_bare() -> float:
@@ -79,8 +88,10 @@ def main() -> None:
     print(f"{'bare vLLM':12} {max(bare_tps):10.0f} {statistics.median(bare_tps):13.0f}")
     print(f"{'covrl role':12} {max(role_tps):10.0f} {statistics.median(role_tps):13.0f}")
     best = max(role_tps) / max(bare_tps)
-    print(f"ratio covrl/bare: best-vs-best {best:.3f}, median of paired {statistics.median(ratios):.3f} "
-          f"-> {'PASS' if best >= 0.95 else 'FAIL'} (target >= 0.95)")
+    print(
+        f"ratio covrl/bare: best-vs-best {best:.3f}, median of paired {statistics.median(ratios):.3f} "
+        f"-> {'PASS' if best >= 0.95 else 'FAIL'} (target >= 0.95)"
+    )
     ray.shutdown()
 
 

@@ -57,7 +57,9 @@ def concat_rollouts(parts: list[RolloutBatch]) -> RolloutBatch:
         return parts[0]
     versions = {p.policy_version for p in parts}
     if len({p.group_size for p in parts}) != 1 or len(versions) != 1:
-        raise ValueError(f"cannot merge rollouts with different group sizes or weight versions {sorted(versions)}")
+        raise ValueError(
+            f"cannot merge rollouts with different group sizes or weight versions {sorted(versions)}"
+        )
     replicas = [p.replica for p in parts]
     return RolloutBatch(
         prompts=concat_prompts([p.prompts for p in parts]),

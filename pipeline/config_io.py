@@ -31,7 +31,9 @@ def _format_validation_error(err: ValidationError) -> str:
         if e["type"] == "extra_forbidden":
             msg = "unknown key (not a field of this section; check the spelling)"
         got = e.get("input")
-        shown = "" if e["type"] in ("extra_forbidden", "missing") or isinstance(got, dict) else f" (got {got!r})"
+        shown = (
+            "" if e["type"] in ("extra_forbidden", "missing") or isinstance(got, dict) else f" (got {got!r})"
+        )
         lines.append(f"  {path}: {msg}{shown}")
     return "invalid config:\n" + "\n".join(lines)
 
@@ -69,7 +71,9 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"config file {path}: the top level must be a mapping of sections, got {type(data).__name__}")
+        raise ConfigError(
+            f"config file {path}: the top level must be a mapping of sections, got {type(data).__name__}"
+        )
     return data
 
 

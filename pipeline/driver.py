@@ -24,7 +24,9 @@ from pipeline import checkpoint as ckpt
 from pipeline.advantages import compute_advantages
 from pipeline.batching import build_train_batch, concat_rollouts, split_prompts
 from pipeline.progress import Progress
+from pipeline.recipe import fill_informative, handle_overlong, reward_metrics
 from pipeline.roles import Roles
+from pipeline.verifiers.base import merge_stats
 from schemas.batches import MetricsRecord, PromptBatch, Ragged, RolloutBatch, ScoredBatch
 from schemas.run_config import RunConfig
 
@@ -40,7 +42,11 @@ class DataSource:
 
 def encode_prompts(rows: list[dict[str, Any]], tokenizer: Any, step: int) -> PromptBatch:
     texts = [r["prompt"] for r in rows]
-    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    # Plain prompts get the tokenizer's special tokens (e.g. BOS, as in SFT); chat-templated text already
+    # carries them, so they are not added twice.
+    bos = getattr(tokenizer, "bos_token", None)
+    templated = bool(bos) and texts[0].startswith(bos)
+    ids = tokenizer(texts, add_special_tokens=not templated)["input_ids"]
     return PromptBatch(
         step=step,
         prompt_ids=np.asarray([int(r["index"]) for r in rows], dtype=np.int64),
@@ -57,7 +63,16 @@ def _every(n: int, step: int) -> bool:
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, run_dir: str, roles: Roles, data: DataSource, *, start_step: int = 0, version: int = 0) -> None:
+    def __init__(
+        self,
+        cfg: RunConfig,
+        run_dir: str,
+        roles: Roles,
+        data: DataSource,
+        *,
+        start_step: int = 0,
+        version: int = 0,
+    ) -> None:
         self.cfg, self.run_dir, self.roles, self.data = cfg, run_dir, roles, data
         self.start_step, self.version = start_step, version
         self.progress = Progress(total=cfg.schedule.steps, start=start_step)
@@ -85,14 +100,21 @@ class Trainer:
             extras=None if prompts.extras is None else [prompts.extras[i] for i in p_idx],
         )
         stats = dict(stats) | {"time/verify": time.perf_counter() - t0}
-        return ScoredBatch(rollout=rollout, rewards=np.asarray(scores, dtype=np.float32), reasons=list(reasons), verifier_stats=stats)
+        return ScoredBatch(
+            rollout=rollout,
+            rewards=np.asarray(scores, dtype=np.float32),
+            reasons=list(reasons),
+            verifier_stats=stats,
+        )
 
     def advantages(self, scored: ScoredBatch) -> np.ndarray:
         adv_cfg = self.cfg.algorithm.advantage
         kwargs: dict[str, Any] = {}
         if adv_cfg.name == "grpo":
             kwargs = {"norm_by_std": adv_cfg.norm_by_std, "eps": adv_cfg.eps}
-        adv = compute_advantages(adv_cfg.name, torch.tensor(scored.rewards), torch.tensor(scored.rollout.prompt_index), **kwargs)
+        adv = compute_advantages(
+            adv_cfg.name, torch.tensor(scored.rewards), torch.tensor(scored.rollout.prompt_index), **kwargs
+        )
         return adv.numpy().astype(np.float32)
 
     def sync_weights(self) -> float:
@@ -107,14 +129,56 @@ class Trainer:
         return time.perf_counter() - t0
 
     # ------------------------------------------------------------------ the step
-    def train_step(self, step: int) -> tuple[dict[str, float], list[int]]:
+    def collect(self, step: int) -> tuple[ScoredBatch, dict[str, float], list[int], dict[str, float]]:
+        """Scored rollouts to train on, generation stats, every prompt id drawn and sampling metrics:
+        one round, or dynamic sampling (``algorithm.dynamic_sampling``, pipeline.recipe.fill_informative)."""
         cfg, sched = self.cfg, self.cfg.schedule
+        ds = cfg.algorithm.dynamic_sampling
+        gen_parts: list[dict[str, float]] = []
+        verify_parts: list[dict[str, float]] = []
+
+        def sample(k: int) -> ScoredBatch:
+            prompts = encode_prompts(self.data.stream.next_batch(k), self.data.tokenizer, step)
+            rollout, g = self.generate(prompts, sched.group_size)
+            scored = self.score(rollout)
+            gen_parts.append(g)
+            verify_parts.append(scored.verifier_stats)
+            return scored
+
+        if not ds.enabled:
+            scored = sample(sched.prompts_per_step)
+            return scored, gen_parts[0], scored.rollout.prompts.prompt_ids.tolist(), {}
+        split = cfg.learner.mini_batches * cfg.learner.ranks
+        fill = fill_informative(sample, sched.prompts_per_step, max_rounds=ds.max_rounds, divisor=split)
+        gen_s = sum(g["time/generate"] for g in gen_parts)
+        tokens = sum(g["throughput/generate_tokens_per_s"] * g["time/generate"] for g in gen_parts)
+        gen_stats = {"time/generate": gen_s, "throughput/generate_tokens_per_s": tokens / max(gen_s, 1e-9)}
+        scored = fill.scored.model_copy(update={"verifier_stats": merge_stats(verify_parts)})
+        # reward/* over every sampled group (the filtered batch has no solved / zero groups by construction)
+        metrics = fill.metrics | reward_metrics(fill.sampled_rewards, sched.group_size)
+        metrics["reward/kept_mean"] = float(scored.rewards.mean())
+        return scored, gen_stats, fill.prompt_ids, metrics
+
+    def train_step(self, step: int) -> tuple[dict[str, float], list[int]]:
+        cfg = self.cfg
         t_step = time.perf_counter()
-        prompts = encode_prompts(self.data.stream.next_batch(sched.prompts_per_step), self.data.tokenizer, step)
-        rollout, gen_stats = self.generate(prompts, sched.group_size)
-        scored = self.score(rollout)
-        adv = self.advantages(scored)
-        train = build_train_batch(scored, adv, step=step)
+        scored, gen_stats, prompt_ids, recipe_metrics = self.collect(step)
+        ol_cfg = cfg.algorithm.overlong
+        overlong = handle_overlong(
+            scored.rewards,
+            scored.rollout.responses.lengths,
+            scored.rollout.finish_reasons,
+            mode=ol_cfg.mode,
+            max_new_tokens=cfg.generator.max_new_tokens,
+            buffer_tokens=ol_cfg.buffer_tokens,
+            penalty=ol_cfg.penalty,
+        )
+        recipe_metrics |= overlong.metrics
+        if ol_cfg.mode == "soft_penalty":  # advantages from the shaped rewards; metrics keep the verifier's
+            adv = self.advantages(scored.model_copy(update={"rewards": overlong.rewards}))
+        else:
+            adv = self.advantages(scored)
+        train = build_train_batch(scored, adv, step=step, loss_mask=overlong.loss_mask)
         ref_time = 0.0
         if self.roles.references:
             t0 = time.perf_counter()
@@ -125,13 +189,18 @@ class Trainer:
         measure = _every(cfg.learner.measure_entropy_change_every, step)
         top_k = cfg.metrics.inspector_top_k if _every(cfg.metrics.inspector_every, step) else 0
         stats = ray.get(
-            [lr.train_step.remote(train_ref, step=step, measure_entropy_change=measure, inspect_top_k=top_k) for lr in self.roles.learners]
+            [
+                lr.train_step.remote(
+                    train_ref, step=step, measure_entropy_change=measure, inspect_top_k=top_k
+                )
+                for lr in self.roles.learners
+            ]
         )
         self.version = stats[0].policy_version
         sync_s = self.sync_weights()
-        metrics = self._step_metrics(scored, stats[0].metrics, gen_stats, ref_time, sync_s)
+        metrics = self._step_metrics(scored, stats[0].metrics, gen_stats, ref_time, sync_s) | recipe_metrics
         metrics["time/step"] = time.perf_counter() - t_step
-        tables = {"prompt_ids": [{"step": step, "ids": prompts.prompt_ids.tolist()}]}
+        tables = {"prompt_ids": [{"step": step, "ids": prompt_ids}]}
         if stats[0].top_tokens:
             tables["inspector"] = self._inspect(train, scored, stats[0].top_tokens)
         return metrics, tables
@@ -144,12 +213,15 @@ class Trainer:
             row, pos = int(t["row"]), int(t["t"])
             seq = train.sequences.row(row)
             p_len = int(train.prompt_lengths[row])
-            out.append(t | {
-                "token": tok.decode([int(seq[p_len + pos])]),
-                "context": tok.decode(seq[max(0, p_len + pos - 48) : p_len + pos].tolist()),
-                "response": scored.rollout.response_texts[row],
-                "reward": float(scored.rewards[row]),
-            })
+            out.append(
+                t
+                | {
+                    "token": tok.decode([int(seq[p_len + pos])]),
+                    "context": tok.decode(seq[max(0, p_len + pos - 48) : p_len + pos].tolist()),
+                    "response": scored.rollout.response_texts[row],
+                    "reward": float(scored.rewards[row]),
+                }
+            )
         return out
 
     def _step_metrics(self, scored, learner_metrics, gen_stats, ref_time, sync_s) -> dict[str, float]:
@@ -177,9 +249,11 @@ class Trainer:
         rows = self.data.eval_rows[: sched.eval_prompts]
         prompts = encode_prompts(rows, self.data.tokenizer, step)
         t0 = time.perf_counter()
-        rollout, _ = self.generate(prompts, sched.eval_samples, temperature=sched.eval_temperature, report=False)
+        rollout, _ = self.generate(
+            prompts, sched.eval_samples, temperature=sched.eval_temperature, report=False
+        )
         scored = self.score(rollout)
-        correct = (scored.rewards.reshape(len(rows), sched.eval_samples) >= 1.0)
+        correct = scored.rewards.reshape(len(rows), sched.eval_samples) >= 1.0
         return {
             "eval/pass@1": float(correct.mean()),
             f"eval/pass@{sched.eval_samples}": float(correct.any(1).mean()),
@@ -190,7 +264,12 @@ class Trainer:
     def save_checkpoint(self, step: int) -> None:
         partial = ckpt.begin(self.run_dir, step)
         ray.get([lr.save_checkpoint.remote(str(partial / "learner"), "ckpt") for lr in self.roles.learners])
-        state = ckpt.DriverState(step=step, policy_version=self.version, data_state=self.data.stream.state_dict(), rng_seed=self.cfg.schedule.seed)
+        state = ckpt.DriverState(
+            step=step,
+            policy_version=self.version,
+            data_state=self.data.stream.state_dict(),
+            rng_seed=self.cfg.schedule.seed,
+        )
         ckpt.commit(partial, state, keep=self.cfg.schedule.keep_checkpoints)
 
     def run(self) -> list[dict[str, Any]]:
@@ -207,7 +286,9 @@ class Trainer:
             m |= train_metrics
             if step == sched.steps:
                 m |= {k.replace("eval/", "final/"): v for k, v in self.evaluate(step).items()}
-            self.roles.metrics.record.remote(MetricsRecord(step=step, role="driver", metrics=m, tables=tables))
+            self.roles.metrics.record.remote(
+                MetricsRecord(step=step, role="driver", metrics=m, tables=tables)
+            )
             row = ray.get(self.roles.metrics.flush_step.remote(step))
             rows.append(row)
             self.progress.update(row)

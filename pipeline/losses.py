@@ -3,11 +3,15 @@
 Every registered policy loss has one signature::
 
     fn(log_prob, old_log_prob, advantages, response_mask, config, *,
-       normalizer=None, selected=None, generator=None) -> (loss, stats)
+       normalizer=None, selected=None, generator=None, token_weights=None) -> (loss, stats)
 
 with (N, T) per-token tensors (N responses padded to T tokens; advantages already broadcast to
 tokens), ``config`` a :class:`schemas.config.PolicyLossConfig`, ``loss`` a scalar to minimise and
 ``stats`` a dict of detached 0-dim tensors with stable names.
+``token_weights`` (optional, (N, T), treated as constants) multiply each token's policy loss before
+aggregation -- the truncated importance-sampling correction for sampler/learner mismatch
+(``pipeline.recipe.truncated_is_weights``). Callers pass it only when set, so losses registered
+without the keyword keep working.
 
 The covariance that drives Clip-Cov and KL-Cov (Cui et al. 2025, the per-token Cov(y_i) of Clip-Cov / KL-Cov) is, per
 valid token, ``cov_i = (A_i - mean A) * (logp_i - mean logp)`` with means over valid tokens and
@@ -93,6 +97,7 @@ def aggregate_loss(
     normalizer: float | Tensor | None = None,
     seq_norm_length: int | None = None,
     drop: Tensor | None = None,
+    token_weights: Tensor | None = None,
 ) -> Tensor:
     """Reduce a per-token loss (N, T) to a scalar.
 
@@ -108,9 +113,14 @@ def aggregate_loss(
 
     ``drop`` (bool, like ``mask``): tokens whose term is replaced by 0 but which still count in every
     denominator (Clip-Cov's detached tokens); folded into the one masking ``where``.
+
+    ``token_weights`` (like ``mask``; detached here, 0 at masked positions): each kept token's term is
+    multiplied by its weight (truncated IS correction); denominators are unchanged.
     """
     m = mask.bool()
     keep = m if drop is None else m & ~drop.bool()
+    if token_weights is not None:
+        loss_mat = loss_mat * torch.where(keep, token_weights.detach().to(loss_mat.dtype), 0.0)
     masked = torch.where(keep, loss_mat, 0.0)
     if isinstance(normalizer, int | float) and normalizer <= 0:
         raise ValueError(f"normalizer must be > 0 (a global token or sequence count), got {normalizer}")
@@ -303,6 +313,7 @@ def ppo_loss(
     normalizer: float | Tensor | None = None,
     selected: Tensor | None = None,
     generator: torch.Generator | None = None,
+    token_weights: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Clipped PPO surrogate (Schulman et al. 2017) with clip-higher and optional dual clip.
 
@@ -314,7 +325,12 @@ def ppo_loss(
     neg_kl = torch.clamp(log_prob - old_log_prob, min=-20.0, max=20.0)
     pg_losses, clipped, clipped_lower = _clipped_surrogate(neg_kl, advantages, config)
     loss = aggregate_loss(
-        pg_losses, mask, config.loss_agg_mode, normalizer=normalizer, seq_norm_length=config.seq_norm_length
+        pg_losses,
+        mask,
+        config.loss_agg_mode,
+        normalizer=normalizer,
+        seq_norm_length=config.seq_norm_length,
+        token_weights=token_weights,
     )
     stats = _common_stats(neg_kl, mask, clipped, clipped_lower)
     stats |= covariance_stats(token_covariance(log_prob, advantages, mask), mask)
@@ -332,6 +348,7 @@ def clip_cov_loss(
     normalizer: float | Tensor | None = None,
     selected: Tensor | None = None,
     generator: torch.Generator | None = None,
+    token_weights: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Clip-Cov (Cui et al. 2025, "Clip-Cov"): the PPO term, with a few high-covariance tokens detached.
 
@@ -355,6 +372,7 @@ def clip_cov_loss(
         normalizer=normalizer,
         seq_norm_length=config.seq_norm_length,
         drop=selected,
+        token_weights=token_weights,
     )
     stats = _common_stats(neg_kl, mask, clipped, clipped_lower)
     stats |= covariance_stats(cov, mask, selected)
@@ -372,6 +390,7 @@ def kl_cov_loss(
     normalizer: float | Tensor | None = None,
     selected: Tensor | None = None,
     generator: torch.Generator | None = None,
+    token_weights: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """KL-Cov (Cui et al. 2025, "KL-Cov"): unclipped ``-A r`` on every valid token, plus
     ``beta * |logp - old_logp|`` on the top-k tokens by covariance (``selected`` or chosen here).
@@ -389,7 +408,12 @@ def kl_cov_loss(
     selected = selected.bool() & mask
     pg_losses = pg_losses + torch.where(selected, config.kl_cov_beta * abs_kl, 0.0)
     loss = aggregate_loss(
-        pg_losses, mask, config.loss_agg_mode, normalizer=normalizer, seq_norm_length=config.seq_norm_length
+        pg_losses,
+        mask,
+        config.loss_agg_mode,
+        normalizer=normalizer,
+        seq_norm_length=config.seq_norm_length,
+        token_weights=token_weights,
     )
     stats = _common_stats(neg_kl, mask, None, None)
     stats["ppo_kl_abs"] = masked_mean(abs_kl.detach(), mask)

@@ -91,12 +91,16 @@ def response_logprobs(
     if full_logits:
         logits = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask).logits
         picked = logits[torch.arange(logits.shape[0])[:, None], mb.positions][mask]
-        lp, ent = logprobs_and_entropy(picked, labels, temperature=temperature, chunk_size=chunk_size, with_entropy=with_entropy)
+        lp, ent = logprobs_and_entropy(
+            picked, labels, temperature=temperature, chunk_size=chunk_size, with_entropy=with_entropy
+        )
     else:
         hidden = model.base_model(input_ids=mb.input_ids, attention_mask=mb.attention_mask).last_hidden_state
         picked = hidden[torch.arange(hidden.shape[0])[:, None], mb.positions][mask]
         weight = model.get_output_embeddings().weight
-        lp, ent = logprobs_from_hidden(picked, weight, labels, temperature=temperature, chunk_size=chunk_size, with_entropy=with_entropy)
+        lp, ent = logprobs_from_hidden(
+            picked, weight, labels, temperature=temperature, chunk_size=chunk_size, with_entropy=with_entropy
+        )
     out_lp = torch.zeros(mask.shape, dtype=torch.float32).masked_scatter(mask, lp)
     out_ent = None if ent is None else torch.zeros(mask.shape, dtype=torch.float32).masked_scatter(mask, ent)
     return out_lp, out_ent
@@ -126,7 +130,9 @@ def batch_logprobs(
     ent = np.zeros(total, dtype=np.float32) if with_entropy else None
     for part in micro_batches(np.asarray(rows, dtype=np.int64), micro_batch_size):
         mb = make_micro_batch(batch, part)
-        lp, en = response_logprobs(model, mb, temperature=temperature, with_entropy=with_entropy, full_logits=full_logits)
+        lp, en = response_logprobs(
+            model, mb, temperature=temperature, with_entropy=with_entropy, full_logits=full_logits
+        )
         logp[mb.flat_index] = lp[mb.response_mask].numpy()
         if ent is not None:
             ent[mb.flat_index] = en[mb.response_mask].numpy()

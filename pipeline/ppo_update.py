@@ -36,7 +36,14 @@ from pipeline.losses import (
     select_tokens,
     token_covariance,
 )
-from pipeline.model_forward import batch_logprobs, make_micro_batch, micro_batches, response_logprobs, to_padded
+from pipeline.model_forward import (
+    batch_logprobs,
+    make_micro_batch,
+    micro_batches,
+    response_logprobs,
+    to_padded,
+)
+from pipeline.recipe import truncated_is_weights
 from schemas.batches import TrainBatch
 from schemas.run_config import AlgorithmConfig, LearnerConfig
 
@@ -120,6 +127,14 @@ def ppo_update(
     old_flat, ent_flat = _gather_full(all_gather, batch, static_rows, own, old_local[own], ent_local[own])
     metrics = _step_start_metrics(batch, old_flat, ent_flat, adv_flat)
     top_tokens = _top_covariance_tokens(batch, old_flat, adv_flat, inspect_top_k) if inspect_top_k else []
+    # Samples with loss_mask 0 (e.g. overlong) carry no loss, count in no denominator and are never selected.
+    row_kept = np.ones(n, bool) if batch.loss_mask is None else batch.loss_mask > 0
+    valid_flat = np.repeat(row_kept, r_len)
+    # Truncated IS correction of the sampler/learner mismatch (weights logged even when not applied).
+    cap = algo.is_correction.cap
+    is_weights, is_stats = truncated_is_weights(old_flat, batch.sampler_logprobs, cap, valid_flat)
+    metrics |= is_stats
+    is_flat = is_weights if algo.is_correction.enabled else None
 
     gen = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -134,13 +149,37 @@ def ppo_update(
             selected_flat = None
             if loss_cfg.name in ("clip_cov", "kl_cov") and learner.selection_scope == "mini_batch":
                 selected_flat = _global_selection(
-                    model, batch, mini, my_rows, old_flat, adv_flat, loss_cfg, gen, all_gather, first, fwd
+                    model,
+                    batch,
+                    mini,
+                    my_rows,
+                    old_flat,
+                    adv_flat,
+                    loss_cfg,
+                    gen,
+                    all_gather,
+                    first,
+                    fwd,
+                    valid_flat,
                 )
                 model.train()
-            norm = float(r_len[mini].sum()) if loss_cfg.loss_agg_mode == "token-mean" else float(len(mini))
+            kept = mini[row_kept[mini]]
+            norm = float(r_len[kept].sum()) if loss_cfg.loss_agg_mode == "token-mean" else float(len(kept))
+            norm = max(norm, 1.0)  # a fully masked mini-batch: every term is 0
             for part in micro_batches(my_rows, learner.micro_batch_size):
                 loss, stats, tokens = _micro_batch_loss(
-                    model, batch, part, old_flat, selected_flat, norm, algo, loss_fn, temperature, gen, full_logits
+                    model,
+                    batch,
+                    part,
+                    old_flat,
+                    selected_flat,
+                    norm,
+                    algo,
+                    loss_fn,
+                    temperature,
+                    gen,
+                    full_logits,
+                    is_flat,
                 )
                 if not torch.isfinite(loss):
                     bad += 1
@@ -171,7 +210,9 @@ class UpdateResult:
     top_tokens: list[dict[str, float]] = field(default_factory=list)
 
 
-def _top_covariance_tokens(batch: TrainBatch, old: np.ndarray, adv: np.ndarray, k: int) -> list[dict[str, float]]:
+def _top_covariance_tokens(
+    batch: TrainBatch, old: np.ndarray, adv: np.ndarray, k: int
+) -> list[dict[str, float]]:
     """The k tokens with the largest covariance term (A - mean A)(logp - mean logp): the ones that
     drive entropy down. ``row``/``t`` locate them (sample row, response position)."""
     cov = (adv - adv.mean()) * (old - old.mean())
@@ -182,8 +223,14 @@ def _top_covariance_tokens(batch: TrainBatch, old: np.ndarray, adv: np.ndarray, 
     np.cumsum(batch.response_lengths, out=offsets[1:])
     rows = np.searchsorted(offsets, top, side="right") - 1
     return [
-        {"row": int(r), "t": int(i - offsets[r]), "cov": float(cov[i]), "advantage": float(adv[i]),
-         "logprob": float(old[i]), "prob": float(np.exp(old[i]))}
+        {
+            "row": int(r),
+            "t": int(i - offsets[r]),
+            "cov": float(cov[i]),
+            "advantage": float(adv[i]),
+            "logprob": float(old[i]),
+            "prob": float(np.exp(old[i])),
+        }
         for i, r in zip(top, rows)
     ]
 
@@ -197,7 +244,9 @@ def _flat_positions(batch: TrainBatch, rows: np.ndarray) -> np.ndarray:
     return starts + within
 
 
-def _gather_full(gather: AllGather, batch: TrainBatch, rows: np.ndarray, own: np.ndarray, *values: np.ndarray):
+def _gather_full(
+    gather: AllGather, batch: TrainBatch, rows: np.ndarray, own: np.ndarray, *values: np.ndarray
+):
     """Each rank holds ``values`` at flat positions ``own``; returns full flat arrays on every rank."""
     gathered = _concat_gathered(gather, own.astype(np.float64), *[v.astype(np.float64) for v in values])
     positions = gathered[0].astype(np.int64)
@@ -209,7 +258,9 @@ def _gather_full(gather: AllGather, batch: TrainBatch, rows: np.ndarray, own: np
     return out
 
 
-def _step_start_metrics(batch: TrainBatch, old: np.ndarray, ent: np.ndarray, adv: np.ndarray) -> dict[str, float]:
+def _step_start_metrics(
+    batch: TrainBatch, old: np.ndarray, ent: np.ndarray, adv: np.ndarray
+) -> dict[str, float]:
     """Entropy, covariance and sampler/learner mismatch of the batch before any update."""
     lp, a = torch.from_numpy(old), torch.from_numpy(adv)
     mask = torch.ones_like(lp, dtype=torch.bool)
@@ -224,13 +275,17 @@ def _step_start_metrics(batch: TrainBatch, old: np.ndarray, ent: np.ndarray, adv
         "mismatch/logprob_abs_mean": float(diff.mean()) if diff.size else 0.0,
         "mismatch/logprob_abs_max": float(diff.max()) if diff.size else 0.0,
         # KL(sampler || learner) estimated on sampled tokens (k3, always >= 0).
-        "mismatch/kl": float(kl_penalty(torch.tensor(batch.sampler_logprobs), lp, "k3").mean()) if diff.size else 0.0,
+        "mismatch/kl": float(kl_penalty(torch.tensor(batch.sampler_logprobs), lp, "k3").mean())
+        if diff.size
+        else 0.0,
     }
     out |= {k: float(v) for k, v in covariance_stats(cov, mask).items() if k != "cov/selected_frac"}
     return out
 
 
-def _global_selection(model, batch, mini, my_rows, old_flat, adv_flat, loss_cfg, gen, all_gather, first, fwd):
+def _global_selection(
+    model, batch, mini, my_rows, old_flat, adv_flat, loss_cfg, gen, all_gather, first, fwd, valid_flat
+):
     """Selection over the whole mini-batch (all ranks); returns a flat bool mask over the batch layout."""
     mine = _flat_positions(batch, my_rows)
     if first:
@@ -241,26 +296,48 @@ def _global_selection(model, batch, mini, my_rows, old_flat, adv_flat, loss_cfg,
         cur_mine = cur[mine]
     pos, cur, old, adv = (
         torch.from_numpy(x)
-        for x in _concat_gathered(all_gather, mine.astype(np.float64), cur_mine, old_flat[mine], adv_flat[mine])
+        for x in _concat_gathered(
+            all_gather, mine.astype(np.float64), cur_mine, old_flat[mine], adv_flat[mine]
+        )
     )
-    sel = select_tokens(cur.float(), old.float(), adv.float(), torch.ones_like(cur, dtype=torch.bool), loss_cfg, generator=gen)
+    valid = torch.from_numpy(valid_flat[pos.long().numpy()])
+    sel = select_tokens(cur.float(), old.float(), adv.float(), valid, loss_cfg, generator=gen)
     selected = np.zeros(old_flat.shape[0], dtype=bool)
     selected[pos.long().numpy()[sel.numpy()]] = True
     return selected
 
 
-def _micro_batch_loss(model, batch, part, old_flat, selected_flat, norm, algo, loss_fn, temperature, gen, full_logits):
+def _micro_batch_loss(
+    model,
+    batch,
+    part,
+    old_flat,
+    selected_flat,
+    norm,
+    algo,
+    loss_fn,
+    temperature,
+    gen,
+    full_logits,
+    is_flat=None,
+):
     loss_cfg = algo.policy_loss
     mb = make_micro_batch(batch, part)
     mask = mb.response_mask
     need_entropy = algo.entropy_coef > 0
-    logp, ent = response_logprobs(model, mb, temperature=temperature, with_entropy=need_entropy, full_logits=full_logits)
+    logp, ent = response_logprobs(
+        model, mb, temperature=temperature, with_entropy=need_entropy, full_logits=full_logits
+    )
     old = to_padded(old_flat, mb)
     adv = torch.from_numpy(batch.advantages[part])[:, None].expand_as(old) * mask
     if batch.loss_mask is not None:
         mask = mask & (torch.from_numpy(batch.loss_mask[part])[:, None] > 0)
     selected = None if selected_flat is None else to_padded(selected_flat.astype(np.float32), mb).bool()
-    loss, stats = loss_fn(logp, old, adv, mask, loss_cfg, normalizer=norm, selected=selected, generator=gen)
+    # Only passed when set, so policy losses registered without ``token_weights`` keep working.
+    extra = {} if is_flat is None else {"token_weights": to_padded(is_flat, mb)}
+    loss, stats = loss_fn(
+        logp, old, adv, mask, loss_cfg, normalizer=norm, selected=selected, generator=gen, **extra
+    )
     agg = dict(mode=loss_cfg.loss_agg_mode, normalizer=norm, seq_norm_length=loss_cfg.seq_norm_length)
     if need_entropy:
         term, _ = entropy_bonus(ent, mask, algo.entropy_coef, **agg)

@@ -18,7 +18,11 @@ class Progress:
         done = step - self.start
         elapsed = time.perf_counter() - self.t0
         eta = elapsed / max(done, 1) * (self.total - step)
-        parts = [f"step {step:>4}/{self.total}", f"reward {row.get('reward/mean', float('nan')):.3f}", f"entropy {row.get('entropy/mean', float('nan')):.4f}"]
+        parts = [
+            f"step {step:>4}/{self.total}",
+            f"reward {row.get('reward/mean', float('nan')):.3f}",
+            f"entropy {row.get('entropy/mean', float('nan')):.4f}",
+        ]
         if "eval/pass@1" in row:
             parts.append(f"eval pass@1 {row['eval/pass@1']:.3f}")
         if "law/ceiling" in row:

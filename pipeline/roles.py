@@ -65,7 +65,9 @@ def _free_port() -> tuple[str, int]:
     return ray.util.get_node_ip_address(), port
 
 
-def start_roles(cfg: RunConfig, model_path: str, run_dir: str, *, resume_after_step: int | None, timeout_s: float = 600) -> Roles:
+def start_roles(
+    cfg: RunConfig, model_path: str, run_dir: str, *, resume_after_step: int | None, timeout_s: float = 600
+) -> Roles:
     roles = Roles()
     try:
         _start(roles, cfg, model_path, run_dir, resume_after_step, timeout_s)
@@ -101,7 +103,14 @@ def _root_cause(e: BaseException) -> str:
     return text.strip().splitlines()[-1] if text.strip() else type(e).__name__
 
 
-def _start(roles: Roles, cfg: RunConfig, model_path: str, run_dir: str, resume_after_step: int | None, timeout_s: float) -> None:
+def _start(
+    roles: Roles,
+    cfg: RunConfig,
+    model_path: str,
+    run_dir: str,
+    resume_after_step: int | None,
+    timeout_s: float,
+) -> None:
     temp, seed = cfg.generator.temperature, cfg.schedule.seed
     metrics_name = f"metrics-{cfg.name}-{uuid.uuid4().hex[:8]}"
     roles.metrics = (
@@ -128,25 +137,43 @@ def _start(roles: Roles, cfg: RunConfig, model_path: str, run_dir: str, resume_a
     learner_res = cfg.learner.resources
     roles.learners = [
         ray.remote(Learner)
-        .options(num_cpus=learner_res.num_cpus, num_gpus=learner_res.num_gpus, resources=dict(learner_res.custom) or None, **in_pg(rank))
+        .options(
+            num_cpus=learner_res.num_cpus,
+            num_gpus=learner_res.num_gpus,
+            resources=dict(learner_res.custom) or None,
+            **in_pg(rank),
+        )
         .remote(
-            cfg.learner, cfg.algorithm, model_path,
-            rank=rank, world_size=cfg.learner.ranks, master_addr=addr, master_port=port, seed=seed, temperature=temp,
+            cfg.learner,
+            cfg.algorithm,
+            model_path,
+            rank=rank,
+            world_size=cfg.learner.ranks,
+            master_addr=addr,
+            master_port=port,
+            seed=seed,
+            temperature=temp,
             metrics_actor=metrics_name,
         )
         for rank in range(cfg.learner.ranks)
     ]
     roles.generators = [
-        ray.remote(Generator).options(**actor_options(cfg.generator.resources)).remote(cfg.generator, model_path, replica=i, seed=seed, metrics_actor=metrics_name)
+        ray.remote(Generator)
+        .options(**actor_options(cfg.generator.resources))
+        .remote(cfg.generator, model_path, replica=i, seed=seed, metrics_actor=metrics_name)
         for i in range(cfg.generator.replicas)
     ]
     roles.verifiers = [
-        ray.remote(VerifierActor).options(**actor_options(cfg.verifier.resources, max_restarts=2)).remote(cfg.verifier, replica=i)
+        ray.remote(VerifierActor)
+        .options(**actor_options(cfg.verifier.resources, max_restarts=2))
+        .remote(cfg.verifier, replica=i)
         for i in range(cfg.verifier.replicas)
     ]
     if cfg.use_reference:
         roles.references = [
-            ray.remote(Reference).options(**actor_options(cfg.reference.resources)).remote(cfg.reference, model_path, replica=i, temperature=temp, metrics_actor=metrics_name)
+            ray.remote(Reference)
+            .options(**actor_options(cfg.reference.resources))
+            .remote(cfg.reference, model_path, replica=i, temperature=temp, metrics_actor=metrics_name)
             for i in range(cfg.reference.replicas)
         ]
     _wait_ready("verifier", roles.verifiers, timeout_s)

@@ -6,12 +6,22 @@ import json
 from pathlib import Path
 from typing import Any
 
-TIME_KEYS = ("time/generate", "time/verify", "time/reference", "time/learner", "time/weight_sync", "time/eval", "time/step")
+TIME_KEYS = (
+    "time/generate",
+    "time/verify",
+    "time/reference",
+    "time/learner",
+    "time/weight_sync",
+    "time/eval",
+    "time/step",
+)
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     path = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    return (
+        [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    )
 
 
 def summarize_run(run_dir: str | Path, *, wall_s: float | None = None) -> dict[str, Any]:
@@ -52,6 +62,8 @@ def print_summary(s: dict[str, Any]) -> None:
     print(f"token entropy      {f(s.get('entropy_before'), '.4f')} -> {f(s.get('entropy_after'), '.4f')}")
     if s.get("law"):
         law = s["law"]
-        print(f"law R=-a*exp(H)+b  a={f(law.get('a'))} b={f(law.get('b'))} R2={f(law.get('r2'))} ceiling={f(law.get('ceiling'))}")
+        print(
+            f"law R=-a*exp(H)+b  a={f(law.get('a'))} b={f(law.get('b'))} R2={f(law.get('r2'))} ceiling={f(law.get('ceiling'))}"
+        )
     if s.get("mean_seconds"):
         print("mean seconds/step  " + "  ".join(f"{k} {v:.2f}" for k, v in s["mean_seconds"].items()))

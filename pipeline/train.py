@@ -24,9 +24,13 @@ class InputError(ValueError):
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="covrl train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="covrl train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--config", help="YAML run config (default: the embedded tiny job, configs/default.yaml)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a field by dotted path")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a field by dotted path"
+    )
     p.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR from its latest complete checkpoint")
     p.add_argument("--verbose", action="store_true", help="forward every actor's logs to this console")
     return p.parse_args(argv)
@@ -42,7 +46,11 @@ def resolve_model(cfg: RunConfig) -> str:
         if not (path / "config.json").is_file():
             raise InputError(f"model.path {path}: no config.json — not a Hugging Face model directory")
         return str(path.resolve())
-    if os.environ.get("HF_HUB_OFFLINE") == "1" or "/" not in cfg.model.path or cfg.model.path.startswith((".", "/", "~")):
+    if (
+        os.environ.get("HF_HUB_OFFLINE") == "1"
+        or "/" not in cfg.model.path
+        or cfg.model.path.startswith((".", "/", "~"))
+    ):
         raise InputError(f"model.path {cfg.model.path}: no such directory")
     return cfg.model.path  # a hub id, where a hub is reachable
 
@@ -96,7 +104,11 @@ def prepare(args: argparse.Namespace) -> tuple[RunConfig, Path, str, Any, Any, l
     model_path = resolve_model(cfg)
     tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code)
     train_rows, train_report = load_split(cfg.data, "train", tokenizer=tokenizer)
-    eval_rows, eval_report = load_split(cfg.data, "eval", tokenizer=tokenizer) if cfg.data.eval_files or not cfg.data.train_files else ([], None)
+    eval_rows, eval_report = (
+        load_split(cfg.data, "eval", tokenizer=tokenizer)
+        if cfg.data.eval_files or not cfg.data.train_files
+        else ([], None)
+    )
     for i, row in enumerate(train_rows):
         row["index"] = i
     for i, row in enumerate(eval_rows):
@@ -128,8 +140,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     started_ray = not ray.is_initialized()
     if started_ray:
         ray.init(
-            address=cfg.ray.address, num_cpus=cfg.ray.num_cpus if cfg.ray.address is None else None,
-            namespace=cfg.ray.namespace, include_dashboard=False, log_to_driver=args.verbose,
+            address=cfg.ray.address,
+            num_cpus=cfg.ray.num_cpus if cfg.ray.address is None else None,
+            namespace=cfg.ray.namespace,
+            include_dashboard=False,
+            log_to_driver=args.verbose,
             runtime_env={"env_vars": {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0")}},
         )
     roles = None
@@ -138,12 +153,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         start_step = resume[1].step if resume else 0
         roles = start_roles(cfg, model_path, str(run_dir), resume_after_step=start_step if resume else None)
         (run_dir / "placement.json").write_text(json.dumps(placement_report(roles), indent=1))
-        trainer = Trainer(cfg, str(run_dir), roles, DataSource(stream, eval_rows, tokenizer), start_step=start_step)
+        trainer = Trainer(
+            cfg, str(run_dir), roles, DataSource(stream, eval_rows, tokenizer), start_step=start_step
+        )
         if resume:
-            versions = ray.get([lr.load_checkpoint.remote(str(resume[0] / "learner"), "ckpt") for lr in roles.learners])
+            versions = ray.get(
+                [lr.load_checkpoint.remote(str(resume[0] / "learner"), "ckpt") for lr in roles.learners]
+            )
             trainer.version = versions[0]
             trainer.sync_weights()
-            print(f"[covrl] resumed from {resume[0].name} (step {start_step}, weights v{versions[0]})", flush=True)
+            print(
+                f"[covrl] resumed from {resume[0].name} (step {start_step}, weights v{versions[0]})",
+                flush=True,
+            )
         trainer.run()
         summary = summarize_run(run_dir, wall_s=time.perf_counter() - t0)
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))

@@ -37,11 +37,15 @@ class PolicyLossConfig(Strict):
     loss_agg_mode: Literal[
         "token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"
     ] = "token-mean"
-    clip_cov_ratio: float = Field(2e-4, gt=0, le=1, description="Clip-Cov: fraction r of valid tokens to detach.")
+    clip_cov_ratio: float = Field(
+        2e-4, gt=0, le=1, description="Clip-Cov: fraction r of valid tokens to detach."
+    )
     clip_cov_lb: float = Field(1.0, description="Clip-Cov: lower covariance bound of the candidate band.")
     clip_cov_ub: float = Field(5.0, description="Clip-Cov: upper covariance bound of the candidate band.")
     kl_cov_ratio: float = Field(2e-3, gt=0, le=1, description="KL-Cov: fraction k of valid tokens penalised.")
-    kl_cov_beta: float = Field(1.0, ge=0, description="KL-Cov: penalty coefficient (paper: 1; verl default 0.1).")
+    kl_cov_beta: float = Field(
+        1.0, ge=0, description="KL-Cov: penalty coefficient (paper: 1; verl default 0.1)."
+    )
     seq_norm_length: int | None = Field(
         None, gt=0, description="seq-mean-token-sum-norm divisor (Dr.GRPO: max response length)."
     )

@@ -17,7 +17,8 @@ from schemas.verifier_config import VerifierConfig
 
 class ModelConfig(Strict):
     path: str | None = Field(
-        None, description="Local HF model directory (or hub id where a hub is reachable); None = embedded tiny model."
+        None,
+        description="Local HF model directory (or hub id where a hub is reachable); None = embedded tiny model.",
     )
     tiny: TinyModelConfig = TinyModelConfig()
     trust_remote_code: bool = False
@@ -29,18 +30,61 @@ class AdvantageConfig(Strict):
     eps: float = Field(1e-6, gt=0, description="Added to the std before dividing.")
 
 
+class DynamicSamplingConfig(Strict):
+    """DAPO-style dynamic sampling (the paper's setup): drop prompt groups whose verifier rewards are
+    all equal (all correct or all wrong: zero advantage, no signal) and sample more prompts until the
+    batch holds ``schedule.prompts_per_step`` informative groups."""
+
+    enabled: bool = Field(False, description="Filter uninformative groups and refill the batch.")
+    max_rounds: int = Field(
+        3,
+        ge=1,
+        description="Most generation rounds per step, the first included (1 = filter only). When the cap "
+        "is hit the step trains on the informative groups it has, trimmed to a multiple the learner can "
+        "split.",
+    )
+
+
+class ISCorrectionConfig(Strict):
+    """Truncated importance sampling for sampler/learner mismatch: each token's policy loss is multiplied
+    by ``min(exp(old_logp_learner - sampler_logp), cap)`` (detached)."""
+
+    enabled: bool = Field(False, description="Weight the per-token policy loss by the truncated IS ratio.")
+    cap: float = Field(2.0, ge=1.0, description="Truncation C of the IS weight.")
+
+
+class OverlongConfig(Strict):
+    """Responses cut at generator.max_new_tokens (finish reason 'length')."""
+
+    mode: Literal["none", "mask", "soft_penalty"] = Field(
+        "none",
+        description="'mask': truncated samples carry no loss; 'soft_penalty': DAPO's soft overlong "
+        "punishment, 0 down to -penalty linearly over the last buffer_tokens before max_new_tokens, added to "
+        "the reward.",
+    )
+    buffer_tokens: int = Field(4096, ge=1, description="Length of the soft-penalty ramp (DAPO: 4096).")
+    penalty: float = Field(1.0, ge=0, description="Soft penalty at max_new_tokens (DAPO: 1.0).")
+
+
 class AlgorithmConfig(Strict):
     advantage: AdvantageConfig = AdvantageConfig()
     policy_loss: PolicyLossConfig = PolicyLossConfig()
+    dynamic_sampling: DynamicSamplingConfig = DynamicSamplingConfig()
+    is_correction: ISCorrectionConfig = ISCorrectionConfig()
+    overlong: OverlongConfig = OverlongConfig()
     entropy_coef: float = Field(0.0, ge=0, description="Entropy bonus coefficient (paper: 0).")
-    kl_coef: float = Field(0.0, ge=0, description="KL-to-reference loss coefficient (paper: 0). >0 starts the reference role.")
+    kl_coef: float = Field(
+        0.0, ge=0, description="KL-to-reference loss coefficient (paper: 0). >0 starts the reference role."
+    )
     kl_estimator: Literal["k1", "k2", "k3"] = Field("k3", description="KL estimator for the reference loss.")
 
 
 class GeneratorConfig(Strict):
     replicas: int = Field(1, ge=1, description="vLLM engine replicas; prompts are split across them.")
     resources: Resources = Resources(num_cpus=1.0)
-    temperature: float = Field(1.0, gt=0, description="Sampling temperature; the learner scales logits by it too.")
+    temperature: float = Field(
+        1.0, gt=0, description="Sampling temperature; the learner scales logits by it too."
+    )
     top_p: float = Field(1.0, gt=0, le=1)
     max_new_tokens: int = Field(48, ge=1)
     max_model_len: int = Field(256, ge=16)
@@ -69,9 +113,13 @@ class LearnerConfig(Strict):
     weight_decay: float = Field(0.0, ge=0)
     warmup_steps: int = Field(0, ge=0, description="Linear LR warm-up, in optimizer updates.")
     grad_clip: float = Field(1.0, gt=0)
-    mini_batches: int = Field(4, ge=1, description="Optimizer updates per rollout batch per epoch (KL-Cov needs > 1).")
+    mini_batches: int = Field(
+        4, ge=1, description="Optimizer updates per rollout batch per epoch (KL-Cov needs > 1)."
+    )
     epochs: int = Field(1, ge=1, description="PPO epochs over each rollout batch.")
-    micro_batch_size: int = Field(64, ge=1, description="Sequences per forward/backward (gradient accumulation).")
+    micro_batch_size: int = Field(
+        64, ge=1, description="Sequences per forward/backward (gradient accumulation)."
+    )
     selection_scope: Literal["mini_batch", "micro_batch"] = Field(
         "mini_batch",
         description="Where Clip-Cov/KL-Cov pick tokens: over the whole optimizer mini-batch across micro-batches "
@@ -81,16 +129,24 @@ class LearnerConfig(Strict):
     dtype: Literal["float32", "bfloat16"] = "float32"
     max_bad_steps: int = Field(3, ge=1, description="Stop after this many consecutive non-finite updates.")
     measure_entropy_change_every: int = Field(
-        1, ge=0, description="Every N steps, one extra forward measures the entropy after the update (0 = never)."
+        1,
+        ge=0,
+        description="Every N steps, one extra forward measures the entropy after the update (0 = never).",
     )
 
 
 class MetricsConfig(Strict):
     resources: Resources = Resources(num_cpus=0.0)
     tensorboard: bool = True
-    collapse_fraction: float = Field(0.3, gt=0, lt=1, description="Warn when entropy < this fraction of its initial value.")
-    surge_factor: float = Field(2.0, gt=1, description="Warn when entropy > this multiple of its initial value.")
-    inspector_every: int = Field(10, ge=0, description="Save the top tokens by covariance every N steps (0 = never).")
+    collapse_fraction: float = Field(
+        0.3, gt=0, lt=1, description="Warn when entropy < this fraction of its initial value."
+    )
+    surge_factor: float = Field(
+        2.0, gt=1, description="Warn when entropy > this multiple of its initial value."
+    )
+    inspector_every: int = Field(
+        10, ge=0, description="Save the top tokens by covariance every N steps (0 = never)."
+    )
     inspector_top_k: int = Field(20, ge=1)
 
 
@@ -98,18 +154,24 @@ class ScheduleConfig(Strict):
     steps: int = Field(60, ge=1, description="RL steps (rollout batches).")
     prompts_per_step: int = Field(32, ge=1)
     group_size: int = Field(8, ge=1, description="Responses sampled per prompt (GRPO n).")
-    eval_every: int = Field(10, ge=0, description="Held-out evaluation every N steps (0 = only start and end).")
+    eval_every: int = Field(
+        10, ge=0, description="Held-out evaluation every N steps (0 = only start and end)."
+    )
     eval_prompts: int = Field(256, ge=1)
     eval_samples: int = Field(4, ge=1, description="Samples per eval prompt: pass@1 and mean@k.")
     eval_temperature: float = Field(1.0, gt=0)
     checkpoint_every: int = Field(20, ge=0, description="Checkpoint every N steps (0 = only at the end).")
     keep_checkpoints: int = Field(2, ge=1)
-    mode: Literal["sync", "async"] = Field("sync", description="'async': generation of step t+1 overlaps learning of step t.")
+    mode: Literal["sync", "async"] = Field(
+        "sync", description="'async': generation of step t+1 overlaps learning of step t."
+    )
     seed: int = 0
 
 
 class RayConfig(Strict):
-    address: str | None = Field(None, description="Existing cluster ('auto' inside `ray job submit`); None starts a local one.")
+    address: str | None = Field(
+        None, description="Existing cluster ('auto' inside `ray job submit`); None starts a local one."
+    )
     num_cpus: int | None = Field(None, ge=1, description="CPUs of a local cluster (None = Ray's default).")
     namespace: str = "covrl"
 
@@ -137,8 +199,16 @@ class RunConfig(Strict):
                 f"schedule.prompts_per_step * schedule.group_size = {n} must be divisible by "
                 f"learner.mini_batches * learner.ranks = {split}"
             )
+        overlong = self.algorithm.overlong
+        if overlong.mode == "soft_penalty" and overlong.buffer_tokens > self.generator.max_new_tokens:
+            raise ValueError(
+                f"algorithm.overlong.buffer_tokens = {overlong.buffer_tokens} must be <= "
+                f"generator.max_new_tokens = {self.generator.max_new_tokens} for the soft overlong penalty"
+            )
         if self.reference.enabled == "never" and self.algorithm.kl_coef > 0:
-            raise ValueError("algorithm.kl_coef > 0 needs the reference role: set reference.enabled to 'auto'")
+            raise ValueError(
+                "algorithm.kl_coef > 0 needs the reference role: set reference.enabled to 'auto'"
+            )
         return self
 
     @property
@@ -157,9 +227,10 @@ class RunConfig(Strict):
                 "on-policy): set learner.mini_batches > 1 (the paper uses 8)"
             )
         if loss.name == "kl_cov" and loss.kl_cov_beta < 1:
-            out.append(f"kl_cov_beta={loss.kl_cov_beta}: the paper and its scripts use 1 (verl's 0.1 default is a trap)")
+            out.append(
+                f"kl_cov_beta={loss.kl_cov_beta}: the paper and its scripts use 1 (verl's 0.1 default is a trap)"
+            )
         return out
 
     def resolved_run_dir(self) -> str:
         return self.run_dir.replace("{name}", self.name)
-

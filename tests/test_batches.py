@@ -95,6 +95,11 @@ def test_build_train_batch_layout():
 def test_train_batch_rejects_prompt_longer_than_sequence():
     with pytest.raises(ValueError, match="prompt_lengths"):
         TrainBatch(
-            step=0, policy_version=0, sequences=Ragged.from_lists([[1, 2]]), prompt_lengths=np.array([3], np.int32),
-            advantages=np.zeros(1, np.float32), sampler_logprobs=np.zeros(0, np.float32), group_ids=np.zeros(1, np.int64),
+            step=0,
+            policy_version=0,
+            sequences=Ragged.from_lists([[1, 2]]),
+            prompt_lengths=np.array([3], np.int32),
+            advantages=np.zeros(1, np.float32),
+            sampler_logprobs=np.zeros(0, np.float32),
+            group_ids=np.zeros(1, np.int64),
         )

@@ -1,6 +1,7 @@
 """Atomic checkpoints and the metrics actor's resume behaviour (in-process, no Ray)."""
 
 import json
+
 import pytest
 
 from actors.metrics import Metrics
@@ -13,7 +14,13 @@ def write_ckpt(run_dir, step, keep=2):
     partial = ckpt.begin(run_dir, step)
     (partial / "learner").mkdir()
     (partial / "learner" / "weights.bin").write_bytes(b"x" * 10)
-    return ckpt.commit(partial, ckpt.DriverState(step=step, policy_version=step, data_state={"epoch": 0, "position": step}, rng_seed=0), keep=keep)
+    return ckpt.commit(
+        partial,
+        ckpt.DriverState(
+            step=step, policy_version=step, data_state={"epoch": 0, "position": step}, rng_seed=0
+        ),
+        keep=keep,
+    )
 
 
 def test_latest_points_at_the_newest_complete_checkpoint(tmp_path):

@@ -19,7 +19,9 @@ def test_every_shipped_config_parses(path):
 
 
 def test_override_by_dotted_path_and_yaml_scalars():
-    cfg = load_config(None, ["algorithm.policy_loss.name=kl_cov", "learner.lr=3e-5", "generator.engine_kwargs={a: 1}"])
+    cfg = load_config(
+        None, ["algorithm.policy_loss.name=kl_cov", "learner.lr=3e-5", "generator.engine_kwargs={a: 1}"]
+    )
     assert cfg.algorithm.policy_loss.name == "kl_cov"
     assert cfg.learner.lr == pytest.approx(3e-5)
     assert cfg.generator.engine_kwargs == {"a": 1}

@@ -15,6 +15,7 @@ PURE = [
     "pipeline.losses",
     "pipeline.entropy_dynamics",
     "pipeline.law",
+    "pipeline.recipe",
     *(f"schemas.{m.name}" for m in pkgutil.iter_modules(schemas.__path__)),
 ]
 HEAVY = ("ray", "vllm", "deepspeed")

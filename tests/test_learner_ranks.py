@@ -20,8 +20,16 @@ pytestmark = [pytest.mark.ray, pytest.mark.e2e]
 def model_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("model")
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=24, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                      num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True)
+    cfg = LlamaConfig(
+        vocab_size=24,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
+    )
     LlamaForCausalLM(cfg).save_pretrained(path)
     return str(path)
 
@@ -33,11 +41,17 @@ def free_port() -> int:
 
 
 def train_with(ray, model_dir, ranks, zero_stage, loss="clip_cov"):
-    cfg = LearnerConfig(ranks=ranks, zero_stage=zero_stage, micro_batch_size=4, mini_batches=3, lr=1e-2, threads=1)
-    algo = AlgorithmConfig(policy_loss=PolicyLossConfig(name=loss, clip_cov_lb=-10.0, clip_cov_ub=10.0, clip_cov_ratio=0.2))
+    cfg = LearnerConfig(
+        ranks=ranks, zero_stage=zero_stage, micro_batch_size=4, mini_batches=3, lr=1e-2, threads=1
+    )
+    algo = AlgorithmConfig(
+        policy_loss=PolicyLossConfig(name=loss, clip_cov_lb=-10.0, clip_cov_ub=10.0, clip_cov_ratio=0.2)
+    )
     port = free_port()
     actors = [
-        ray.remote(Learner).options(num_cpus=0.5).remote(cfg, algo, model_dir, rank=r, world_size=ranks, master_port=port, seed=3)
+        ray.remote(Learner)
+        .options(num_cpus=0.5)
+        .remote(cfg, algo, model_dir, rank=r, world_size=ranks, master_port=port, seed=3)
         for r in range(ranks)
     ]
     try:
@@ -55,7 +69,10 @@ def test_two_ranks_match_one_rank(ray_cluster, model_dir, zero_stage):
     s1, w1 = train_with(ray_cluster, model_dir, 1, 2)
     s2, w2 = train_with(ray_cluster, model_dir, 2, zero_stage)
     assert set(w1) == set(w2)
-    moved = max(float(np.abs(w1[k] - LlamaForCausalLM.from_pretrained(model_dir).state_dict()[k].numpy()).max()) for k in w1)
+    moved = max(
+        float(np.abs(w1[k] - LlamaForCausalLM.from_pretrained(model_dir).state_dict()[k].numpy()).max())
+        for k in w1
+    )
     assert moved > 1e-4, "the step must change the weights"
     for k in w1:
         np.testing.assert_allclose(w2[k], w1[k], atol=5e-5, rtol=1e-4, err_msg=k)

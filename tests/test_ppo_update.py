@@ -20,8 +20,16 @@ from schemas.run_config import AlgorithmConfig, LearnerConfig
 
 def tiny_model(seed=0):
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=24, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                      num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True)
+    cfg = LlamaConfig(
+        vocab_size=24,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
+    )
     return LlamaForCausalLM(cfg).float()
 
 
@@ -35,9 +43,15 @@ def random_batch(n=24, seed=0):
         plen.append(p)
     sq = Ragged.from_lists(seqs)
     rt = int(sq.values.shape[0] - sum(plen))
-    return TrainBatch(step=1, policy_version=0, sequences=sq, prompt_lengths=np.array(plen, np.int32),
-                      advantages=rng.normal(size=n).astype(np.float32),
-                      sampler_logprobs=np.full(rt, -3.0, np.float32), group_ids=np.repeat(np.arange(n // 4), 4))
+    return TrainBatch(
+        step=1,
+        policy_version=0,
+        sequences=sq,
+        prompt_lengths=np.array(plen, np.int32),
+        advantages=rng.normal(size=n).astype(np.float32),
+        sampler_logprobs=np.full(rt, -3.0, np.float32),
+        group_ids=np.repeat(np.arange(n // 4), 4),
+    )
 
 
 class SGDTrainable:
@@ -66,12 +80,15 @@ def test_response_logprobs_match_naive_forward():
         resp = seq[0, p:]
         want = full[p - 1 : p - 1 + len(resp)].gather(1, resp[:, None])[:, 0]
         torch.testing.assert_close(lp[i, : len(resp)], want, atol=1e-5, rtol=1e-5)
-        assert (lp[i, len(resp):] == 0).all()
+        assert (lp[i, len(resp) :] == 0).all()
 
 
 def run_update(model, batch, loss_name, micro, mini=3):
-    algo = AlgorithmConfig(policy_loss=PolicyLossConfig(name=loss_name, clip_cov_lb=-10.0, clip_cov_ub=10.0,
-                                                        clip_cov_ratio=0.2, kl_cov_ratio=0.2))
+    algo = AlgorithmConfig(
+        policy_loss=PolicyLossConfig(
+            name=loss_name, clip_cov_lb=-10.0, clip_cov_ub=10.0, clip_cov_ratio=0.2, kl_cov_ratio=0.2
+        )
+    )
     learner = LearnerConfig(micro_batch_size=micro, mini_batches=mini)
     return ppo_update(SGDTrainable(model), batch, algo=algo, learner=learner, temperature=1.0, seed=7).metrics
 
@@ -114,7 +131,10 @@ class ThreadRanks:
                 ranks.barrier.wait()
                 if rank == 0:  # average grads across ranks (DeepSpeed's all-reduce mean)
                     for ps in zip(*[m.parameters() for m in ranks.models]):
-                        g = sum(p.grad if p.grad is not None else torch.zeros_like(p) for p in ps) / ranks.world
+                        g = (
+                            sum(p.grad if p.grad is not None else torch.zeros_like(p) for p in ps)
+                            / ranks.world
+                        )
                         for p in ps:
                             p.grad = g.clone()
                 ranks.barrier.wait()
@@ -132,15 +152,27 @@ def test_two_ranks_equal_one_rank(loss_name):
     run_update(single, batch, loss_name, micro=4)
     ranks = ThreadRanks(2)
     models = [tiny_model(), tiny_model()]
-    algo = AlgorithmConfig(policy_loss=PolicyLossConfig(name=loss_name, clip_cov_lb=-10.0, clip_cov_ub=10.0,
-                                                        clip_cov_ratio=0.2, kl_cov_ratio=0.2))
+    algo = AlgorithmConfig(
+        policy_loss=PolicyLossConfig(
+            name=loss_name, clip_cov_lb=-10.0, clip_cov_ub=10.0, clip_cov_ratio=0.2, kl_cov_ratio=0.2
+        )
+    )
     learner = LearnerConfig(micro_batch_size=4, mini_batches=3)
     errors = []
 
     def work(rank):
         try:
-            ppo_update(ranks.trainable(rank, models[rank]), batch, algo=algo, learner=learner, temperature=1.0, seed=7,
-                       rank=rank, world_size=2, all_gather=lambda x: ranks.all_gather(rank, x))
+            ppo_update(
+                ranks.trainable(rank, models[rank]),
+                batch,
+                algo=algo,
+                learner=learner,
+                temperature=1.0,
+                seed=7,
+                rank=rank,
+                world_size=2,
+                all_gather=lambda x: ranks.all_gather(rank, x),
+            )
         except Exception as e:  # surfaced below
             errors.append(e)
             ranks.barrier.abort()
@@ -158,8 +190,16 @@ def test_two_ranks_equal_one_rank(loss_name):
 def test_entropy_change_is_measured_when_asked():
     batch = random_batch()
     algo = AlgorithmConfig()
-    res = ppo_update(SGDTrainable(tiny_model()), batch, algo=algo, learner=LearnerConfig(mini_batches=2),
-                     temperature=1.0, seed=1, measure_entropy_change=True, inspect_top_k=5)
+    res = ppo_update(
+        SGDTrainable(tiny_model()),
+        batch,
+        algo=algo,
+        learner=LearnerConfig(mini_batches=2),
+        temperature=1.0,
+        seed=1,
+        measure_entropy_change=True,
+        inspect_top_k=5,
+    )
     m = res.metrics
     covs = [t["cov"] for t in res.top_tokens]
     assert len(covs) == 5 and covs == sorted(covs, reverse=True) and covs[0] > 0

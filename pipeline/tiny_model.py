@@ -1,0 +1,345 @@
+"""Bootstrap of the embedded tiny model: build, warm-start by SFT, evaluate, cache.
+
+Why: no hub is reachable here, so the default run needs its own policy. A ~1.8M-parameter Llama with a
+character tokenizer is SFT'd on the synthetic carry-chain task (``pipeline.task``) until its held-out
+pass@1 at temperature 1 enters a target band (default [0.2, 0.6], stop at the first evaluation >= 0.3):
+good enough that RL gets reward signal, bad enough that RL has room to improve. CALIBRATION.md shows the
+window is narrow (step 125: 0.08, step 175: 0.52), so the stop is by evaluation, never a fixed step.
+
+The result is a standard HF directory (config.json, model.safetensors, tokenizer files,
+generation_config.json, plus bootstrap.json with the measured accuracy and time) that transformers and
+vLLM load. It is cached under ``$COVRL_CACHE/tiny/<hash of settings>``, built in a temp dir, renamed
+atomically, with a lock file so concurrent processes build it once.
+"""
+
+from __future__ import annotations
+
+import copy
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from pipeline import task
+from pipeline.tokenizer import build_char_tokenizer
+from schemas.data_config import SyntheticTaskConfig, TinyModelConfig
+
+#: Bump when the build recipe changes in a way the config does not capture (invalidates the cache).
+CODE_VERSION = "tiny-v1"
+MARKER = "bootstrap.json"
+log = logging.getLogger("covrl.tiny_model")
+
+
+def cache_root() -> Path:
+    """``$COVRL_CACHE`` or ``~/.cache/covrl``."""
+    return Path(os.environ.get("COVRL_CACHE") or Path.home() / ".cache" / "covrl").expanduser()
+
+
+def cache_key(cfg: TinyModelConfig, task_cfg: SyntheticTaskConfig) -> str:
+    """Hash of everything that determines the built model (the wall-clock cap ``max_seconds`` does not)."""
+    model = cfg.model_dump(exclude={"max_seconds"})
+    blob = json.dumps({"model": model, "task": task_cfg.model_dump(), "code": CODE_VERSION}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def ensure_tiny_model(cfg: TinyModelConfig, task: SyntheticTaskConfig, *, progress: bool = True) -> Path:
+    """Path of the warm-started tiny model for these settings, building it once if not cached.
+
+    Safe under concurrency: the build holds ``<key>.lock`` and publishes by an atomic rename; a waiting
+    process finds the finished directory after the lock is released.
+    """
+    base = cache_root() / "tiny"
+    final = base / cache_key(cfg, task)
+    if (final / MARKER).is_file():
+        return final
+    base.mkdir(parents=True, exist_ok=True)
+    with _file_lock(base / f"{final.name}.lock"):
+        if (final / MARKER).is_file():
+            return final
+        if final.exists():  # a half-published dir cannot happen (rename), but a manual copy can
+            shutil.rmtree(final)
+        for stale in base.glob(f".{final.name}.tmp-*"):  # left by a killed build; we hold the lock
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(dir=base, prefix=f".{final.name}.tmp-"))
+        try:
+            build_tiny_model(cfg, task, tmp, progress=progress)
+            os.rename(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return final
+
+
+@contextmanager
+def _file_lock(path: Path):
+    with open(path, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def build_tiny_model(
+    cfg: TinyModelConfig, task_cfg: SyntheticTaskConfig, out_dir: Path, *, progress: bool = True
+) -> dict:
+    """Build, warm-start and save the model into ``out_dir``; returns (and writes) the bootstrap report."""
+    prev_threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.threads)
+    try:
+        return _build(cfg, task_cfg, Path(out_dir), progress=progress)
+    finally:
+        torch.set_num_threads(prev_threads)
+
+
+def new_model(cfg: TinyModelConfig, tokenizer: PreTrainedTokenizerFast) -> LlamaForCausalLM:
+    """A freshly initialised tied-embedding Llama sized by ``cfg`` for ``tokenizer``'s vocabulary."""
+    mcfg = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_heads,
+        max_position_embeddings=cfg.max_position_embeddings,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model = LlamaForCausalLM(mcfg)
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return model
+
+
+def encode_sft(
+    tokenizer: PreTrainedTokenizerFast, prompts: list[str], responses: list[str]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, labels) for ``<s> prompt response </s>``, right-padded; labels are -100 off the response.
+
+    Tokenised in one batched call; masks are built with array ops, not per-row loops.
+    """
+    prompt_len = np.array([len(x) for x in tokenizer(prompts)["input_ids"]])
+    full = tokenizer([p + r for p, r in zip(prompts, responses, strict=True)])["input_ids"]
+    length = np.array([len(x) for x in full])
+    ids = np.full((len(full), length.max() + 1), tokenizer.pad_token_id, dtype=np.int64)
+    pos = np.arange(ids.shape[1])[None, :]
+    ids[pos < length[:, None]] = np.concatenate(full)
+    ids[np.arange(len(full)), length] = tokenizer.eos_token_id
+    labels = np.where((pos >= prompt_len[:, None]) & (pos <= length[:, None]), ids, -100)
+    return torch.from_numpy(ids), torch.from_numpy(labels)
+
+
+@torch.no_grad()
+def evaluate_pass_at_1(
+    model: LlamaForCausalLM,
+    tokenizer: PreTrainedTokenizerFast,
+    rows: list[dict],
+    *,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    seed: int = 0,
+    batch_size: int = 512,
+) -> float:
+    """Fraction of ``rows`` solved with one sample each (``temperature`` 0 = greedy), via HF ``generate``."""
+    was_training = model.training
+    model.eval()
+    tokenizer.padding_side = "left"
+    torch.manual_seed(seed)
+    solved = 0.0
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start : start + batch_size]
+        enc = tokenizer([r["prompt"] for r in chunk], return_tensors="pt", padding=True)
+        sample = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
+        out = model.generate(
+            **enc,
+            max_new_tokens=max_new_tokens,
+            **(sample if temperature > 0 else {"do_sample": False}),
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+        solved += sum(task.score_response(t, r["ground_truth"])[0] for t, r in zip(texts, chunk, strict=True))
+    model.train(was_training)
+    return solved / max(len(rows), 1)
+
+
+@torch.no_grad()
+def expected_pass_at_1(
+    model: LlamaForCausalLM,
+    input_ids: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    pad_id: int,
+    batch_size: int = 512,
+) -> float:
+    """Mean probability of sampling the reference response at T=1 (teacher-forced, one forward pass).
+
+    Why: it is the exact expected pass@1 of the reference chain, with no sampling noise, at a fraction of
+    the cost of generation; it slightly underestimates pass@1 (a wrong chain can still end in the right
+    answer), so the stop decision is confirmed by a sampled evaluation.
+    """
+    was_training = model.training
+    model.eval()
+    probs = []
+    for start in range(0, len(input_ids), batch_size):
+        ids, lab = input_ids[start : start + batch_size], labels[start : start + batch_size]
+        logits = model(input_ids=ids, attention_mask=(ids != pad_id).long()).logits[:, :-1].float()
+        tgt = lab[:, 1:]
+        logp = torch.log_softmax(logits, -1).gather(-1, tgt.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+        probs.append(torch.exp((logp * (tgt != -100)).sum(-1)))
+    model.train(was_training)
+    return float(torch.cat(probs).mean()) if probs else 0.0
+
+
+def _build(cfg: TinyModelConfig, task_cfg: SyntheticTaskConfig, out_dir: Path, *, progress: bool) -> dict:
+    t0, cpu0 = time.perf_counter(), time.process_time()
+    say = _reporter(progress)
+    torch.manual_seed(cfg.seed)
+    max_new = task.max_response_chars(task_cfg.digits) + 2
+    tokenizer = build_char_tokenizer(task.SYMBOLS, max_length=cfg.max_position_embeddings)
+    model = new_model(cfg, tokenizer)
+    n_params = sum(p.numel() for p in model.parameters())
+    prompts, responses = task.make_sft_texts(task_cfg, "train")
+    held_out = task.make_rows(task_cfg, "eval")
+    stop_rows = held_out[: cfg.eval_prompts]
+    stop_tf = encode_sft(tokenizer, *task.make_sft_texts(task_cfg, "eval"))
+    stop_tf = (stop_tf[0][: cfg.eval_prompts], stop_tf[1][: cfg.eval_prompts])
+    say(
+        f"tiny model: {n_params / 1e6:.2f}M params, {len(prompts)} SFT examples, target pass@1 >= {cfg.stop_at}"
+    )
+
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.sft_lr)
+    warm = max(cfg.sft_warmup_steps, 1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
+    rng = np.random.default_rng(cfg.seed)
+    order, cursor = rng.permutation(len(prompts)), 0
+    history: list[dict] = []
+    snapshot = None  # (step, model state, optimizer state, scheduler state) at the last eval below stop_at
+    every, refined, step, stop_acc, loss = cfg.eval_every, False, 0, None, float("nan")
+    model.train()
+    while step < cfg.max_sft_steps:
+        if cursor + cfg.sft_batch_size > len(order):
+            order, cursor = rng.permutation(len(prompts)), 0
+        idx = order[cursor : cursor + cfg.sft_batch_size].tolist()
+        cursor += cfg.sft_batch_size
+        batch_ids, batch_labels = encode_sft(
+            tokenizer, [prompts[i] for i in idx], [responses[i] for i in idx]
+        )
+        mask = (batch_ids != tokenizer.pad_token_id).long()
+        out = model(input_ids=batch_ids, attention_mask=mask, labels=batch_labels)
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        opt.step()
+        sched.step()
+        step, loss = step + 1, out.loss.item()
+        out_of_time = time.perf_counter() - t0 > cfg.max_seconds
+        if step % every and step < cfg.max_sft_steps and not out_of_time:
+            continue
+        expected = expected_pass_at_1(model, *stop_tf, pad_id=tokenizer.pad_token_id)
+        sampled = None
+        if expected >= cfg.stop_at - cfg.sampled_eval_margin:
+            sampled = evaluate_pass_at_1(
+                model, tokenizer, stop_rows, max_new_tokens=max_new, seed=cfg.seed + step
+            )
+        acc = sampled if sampled is not None else expected
+        history.append(
+            {"step": step, "loss": round(loss, 4), "expected_pass_at_1": expected, "pass_at_1": sampled}
+        )
+        shown = f"{sampled:.3f}" if sampled is not None else "  -  "
+        say(
+            f"  sft step {step:4d}  loss {loss:.4f}  held-out pass@1(T=1): expected {expected:.3f}, "
+            f"sampled {shown}  {time.perf_counter() - t0:.0f}s"
+        )
+        if acc > cfg.target_high and snapshot is not None and not refined:
+            # Overshot the band between two evaluations: go back and evaluate every step from there.
+            step, msd, osd, ssd = snapshot
+            model.load_state_dict(msd)
+            opt.load_state_dict(osd)
+            sched.load_state_dict(ssd)
+            every, refined = 1, True
+            say(f"  pass@1 {acc:.3f} overshot {cfg.target_high}: back to step {step}, evaluating every step")
+            continue
+        if sampled is not None and sampled >= cfg.stop_at:
+            stop_acc = sampled
+            break
+        snapshot = (
+            step,
+            copy.deepcopy(model.state_dict()),
+            copy.deepcopy(opt.state_dict()),
+            sched.state_dict(),
+        )
+        if out_of_time:
+            break
+    sft_seconds = time.perf_counter() - t0
+    last = 0.0
+    if history:
+        last = (
+            history[-1]["pass_at_1"]
+            if history[-1]["pass_at_1"] is not None
+            else history[-1]["expected_pass_at_1"]
+        )
+    if stop_acc is None and not cfg.target_low <= last <= cfg.target_high:
+        raise RuntimeError(
+            f"tiny-model warm start ended after {step} steps / {sft_seconds:.0f}s at held-out pass@1 {last:.3f}, "
+            f"outside [{cfg.target_low}, {cfg.target_high}]: raise model.tiny.max_sft_steps / max_seconds, "
+            "or lower model.tiny.eval_every"
+        )
+    final_rows = held_out[: cfg.final_eval_prompts]
+    final = evaluate_pass_at_1(model, tokenizer, final_rows, max_new_tokens=max_new, seed=cfg.seed + 10**6)
+    greedy = evaluate_pass_at_1(model, tokenizer, final_rows, max_new_tokens=max_new, temperature=0.0)
+    report = {
+        "pass_at_1_t1": final,
+        "pass_at_1_greedy": greedy,
+        "pass_at_1_t1_at_stop": stop_acc if stop_acc is not None else last,
+        "eval_prompts_final": len(final_rows),
+        "in_band": cfg.target_low <= final <= cfg.target_high,
+        "sft_steps": step,
+        "sft_seconds": round(sft_seconds, 2),
+        "total_seconds": round(time.perf_counter() - t0, 2),
+        "cpu_seconds": round(
+            time.process_time() - cpu0, 2
+        ),  # wall time on idle cores ~ cpu_seconds / threads
+        "n_params": n_params,
+        "history": history,
+        "key": cache_key(cfg, task_cfg),
+        "code_version": CODE_VERSION,
+        "tiny_model": cfg.model_dump(),
+        "task": task_cfg.model_dump(),
+        "torch_threads": torch.get_num_threads(),
+    }
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.padding_side = "right"
+    tokenizer.save_pretrained(out_dir)
+    (out_dir / MARKER).write_text(json.dumps(report, indent=2))
+    say(
+        f"tiny model ready: held-out pass@1(T=1) {final:.3f} on {len(final_rows)} problems "
+        f"(greedy {greedy:.3f}), {step} SFT steps, {report['total_seconds']:.0f}s"
+    )
+    if not report["in_band"]:
+        log.warning("tiny model final pass@1 %.3f is outside the target band", final)
+    return report
+
+
+def _reporter(progress: bool):
+    def say(msg: str) -> None:
+        log.info(msg)
+        if progress:
+            print(msg, file=sys.stderr, flush=True)
+
+    return say
