@@ -128,15 +128,30 @@ class Learner:
         return out
 
     def train_step(
-        self, batch: TrainBatch, *, step: int, measure_entropy_change: bool = False, inspect_top_k: int = 0
+        self,
+        batch: TrainBatch,
+        *,
+        step: int,
+        measure_entropy_change: bool = False,
+        inspect_top_k: int = 0,
+        loss_overrides: dict[str, float] | None = None,
+        old_logprobs_from_sampler: bool = False,
     ) -> LearnerStats:
+        """One RL step on this rank's share. ``loss_overrides`` (the entropy controller's knob) replaces
+        policy-loss fields for this step; ``old_logprobs_from_sampler`` uses vLLM's log-probs as the
+        PPO "old" policy (one-step-async mode, where the sampler's weights are a version behind)."""
         from pipeline.ppo_update import ppo_update
 
         t0 = time.perf_counter()
+        algo = self.algo
+        if loss_overrides:
+            from pipeline.entropy_control import apply_overrides
+
+            algo = algo.model_copy(update={"policy_loss": apply_overrides(algo.policy_loss, loss_overrides)})
         result = ppo_update(
             _EngineTrainable(self.engine),
             batch,
-            algo=self.algo,
+            algo=algo,
             learner=self.cfg,
             temperature=self.temperature,
             seed=self.seed * 1_000_003 + step,
@@ -145,6 +160,7 @@ class Learner:
             all_gather=self._all_gather,
             measure_entropy_change=measure_entropy_change,
             inspect_top_k=inspect_top_k if self.rank == 0 else 0,
+            old_logprobs_from_sampler=old_logprobs_from_sampler,
             full_logits=self.cfg.zero_stage == 3,
         )
         metrics = result.metrics

@@ -23,6 +23,7 @@ from actors.verifier import score_with_pool
 from pipeline import checkpoint as ckpt
 from pipeline.advantages import compute_advantages
 from pipeline.batching import build_train_batch, concat_rollouts, split_prompts
+from pipeline.entropy_control import EntropyController
 from pipeline.progress import Progress
 from pipeline.recipe import fill_informative, handle_overlong, reward_metrics
 from pipeline.roles import Roles
@@ -58,6 +59,17 @@ def encode_prompts(rows: list[dict[str, Any]], tokenizer: Any, step: int) -> Pro
     )
 
 
+def make_controller(cfg: RunConfig) -> EntropyController | None:
+    """The target-entropy controller of ``algorithm.entropy_control`` (None when disabled)."""
+    ec, loss = cfg.algorithm.entropy_control, cfg.algorithm.policy_loss
+    if not ec.enabled:
+        return None
+    field = ec.knob_field(loss.name)
+    return EntropyController(
+        ec, loss.name, getattr(loss, field), mini_batches=cfg.learner.mini_batches, epochs=cfg.learner.epochs
+    )
+
+
 def _every(n: int, step: int) -> bool:
     return n > 0 and step % n == 0
 
@@ -76,12 +88,21 @@ class Trainer:
         self.cfg, self.run_dir, self.roles, self.data = cfg, run_dir, roles, data
         self.start_step, self.version = start_step, version
         self.progress = Progress(total=cfg.schedule.steps, start=start_step)
+        self._pending: list[Any] | None = None  # async mode: refs of the next step's generation
+        self._data_state: dict[str, Any] = data.stream.state_dict()
+        self.controller = make_controller(cfg)
 
     # ------------------------------------------------------------------ roles, one call each
-    def generate(self, prompts: PromptBatch, n: int, **kw: Any) -> tuple[RolloutBatch, dict[str, float]]:
+    def launch(self, prompts: PromptBatch, n: int, **kw: Any) -> list[Any]:
+        """Start generation on every replica (prompt rows split across them); returns object refs."""
         gens = self.roles.generators
-        shares = split_prompts(prompts, len(gens))
-        outs = ray.get([g.generate.remote(s, n=n, **kw) for g, s in zip(gens, shares)])
+        return [g.generate.remote(s, n=n, **kw) for g, s in zip(gens, split_prompts(prompts, len(gens)))]
+
+    def generate(self, prompts: PromptBatch, n: int, **kw: Any) -> tuple[RolloutBatch, dict[str, float]]:
+        return self.gather(self.launch(prompts, n, **kw))
+
+    def gather(self, refs: list[Any]) -> tuple[RolloutBatch, dict[str, float]]:
+        outs = ray.get(refs)
         stats: dict[str, float] = {"time/generate": max(o[1]["time/generate"] for o in outs)}
         tokens = sum(o[1]["tokens"] for o in outs)
         stats["throughput/generate_tokens_per_s"] = tokens / max(stats["time/generate"], 1e-9)
@@ -145,6 +166,11 @@ class Trainer:
             verify_parts.append(scored.verifier_stats)
             return scored
 
+        if self._pending is not None:  # one-step-async: generation was launched during the last step
+            rollout, g = self.gather(self._pending)
+            self._pending = None
+            scored = self.score(rollout)
+            return scored, g, scored.rollout.prompts.prompt_ids.tolist(), {}
         if not ds.enabled:
             scored = sample(sched.prompts_per_step)
             return scored, gen_parts[0], scored.rollout.prompts.prompt_ids.tolist(), {}
@@ -163,6 +189,13 @@ class Trainer:
         cfg = self.cfg
         t_step = time.perf_counter()
         scored, gen_stats, prompt_ids, recipe_metrics = self.collect(step)
+        self._data_state = self.data.stream.state_dict()  # what a checkpoint of this step resumes from
+        if cfg.schedule.mode == "async" and step < cfg.schedule.steps:
+            # Generation of step+1 overlaps this step's learning, with the weights of the previous step.
+            nxt = encode_prompts(
+                self.data.stream.next_batch(cfg.schedule.prompts_per_step), self.data.tokenizer, step + 1
+            )
+            self._pending = self.launch(nxt, cfg.schedule.group_size)
         ol_cfg = cfg.algorithm.overlong
         overlong = handle_overlong(
             scored.rewards,
@@ -191,7 +224,12 @@ class Trainer:
         stats = ray.get(
             [
                 lr.train_step.remote(
-                    train_ref, step=step, measure_entropy_change=measure, inspect_top_k=top_k
+                    train_ref,
+                    step=step,
+                    measure_entropy_change=measure,
+                    inspect_top_k=top_k,
+                    loss_overrides=self.controller.overrides() if self.controller else None,
+                    old_logprobs_from_sampler=cfg.schedule.mode == "async",
                 )
                 for lr in self.roles.learners
             ]
@@ -199,6 +237,11 @@ class Trainer:
         self.version = stats[0].policy_version
         sync_s = self.sync_weights()
         metrics = self._step_metrics(scored, stats[0].metrics, gen_stats, ref_time, sync_s) | recipe_metrics
+        if self.controller is not None:
+            out = self.controller.update(step, stats[0].metrics["entropy/mean"])
+            metrics |= out.metrics()
+            if out.warning:
+                print(f"  WARNING (entropy control): {out.warning}", flush=True)
         metrics["time/step"] = time.perf_counter() - t_step
         tables = {"prompt_ids": [{"step": step, "ids": prompt_ids}]}
         if stats[0].top_tokens:
@@ -267,8 +310,9 @@ class Trainer:
         state = ckpt.DriverState(
             step=step,
             policy_version=self.version,
-            data_state=self.data.stream.state_dict(),
+            data_state=self._data_state,
             rng_seed=self.cfg.schedule.seed,
+            extra={"entropy_control": self.controller.state_dict()} if self.controller else {},
         )
         ckpt.commit(partial, state, keep=self.cfg.schedule.keep_checkpoints)
 

@@ -108,6 +108,7 @@ def ppo_update(
     all_gather: AllGather = single_process_gather,
     measure_entropy_change: bool = False,
     inspect_top_k: int = 0,
+    old_logprobs_from_sampler: bool = False,
     full_logits: bool = False,
 ) -> UpdateResult:
     """Runs the update in place on ``trainable``; returns step metrics (identical on every rank) and,
@@ -135,6 +136,11 @@ def ppo_update(
     is_weights, is_stats = truncated_is_weights(old_flat, batch.sampler_logprobs, cap, valid_flat)
     metrics |= is_stats
     is_flat = is_weights if algo.is_correction.enabled else None
+    # PPO's "old" policy: the learner's recomputation (sync mode), or the sampler's own log-probs when the
+    # batch was generated with weights a version behind (one-step-async): ratios then correct the lag.
+    start_flat = old_flat
+    if old_logprobs_from_sampler:
+        old_flat = np.asarray(batch.sampler_logprobs, dtype=np.float32)
 
     gen = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -153,6 +159,7 @@ def ppo_update(
                     batch,
                     mini,
                     my_rows,
+                    start_flat,
                     old_flat,
                     adv_flat,
                     loss_cfg,
@@ -284,12 +291,24 @@ def _step_start_metrics(
 
 
 def _global_selection(
-    model, batch, mini, my_rows, old_flat, adv_flat, loss_cfg, gen, all_gather, first, fwd, valid_flat
+    model,
+    batch,
+    mini,
+    my_rows,
+    start_flat,
+    old_flat,
+    adv_flat,
+    loss_cfg,
+    gen,
+    all_gather,
+    first,
+    fwd,
+    valid_flat,
 ):
     """Selection over the whole mini-batch (all ranks); returns a flat bool mask over the batch layout."""
     mine = _flat_positions(batch, my_rows)
     if first:
-        cur_mine = old_flat[mine]
+        cur_mine = start_flat[mine]  # no update yet this step: the current policy is the step-start one
     else:
         model.eval()
         cur, _ = batch_logprobs(model, batch, my_rows, with_entropy=False, **fwd)

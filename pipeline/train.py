@@ -161,6 +161,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 [lr.load_checkpoint.remote(str(resume[0] / "learner"), "ckpt") for lr in roles.learners]
             )
             trainer.version = versions[0]
+            if trainer.controller is not None and "entropy_control" in resume[1].extra:
+                trainer.controller.load_state_dict(resume[1].extra["entropy_control"])
             trainer.sync_weights()
             print(
                 f"[covrl] resumed from {resume[0].name} (step {start_step}, weights v{versions[0]})",

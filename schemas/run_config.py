@@ -11,6 +11,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from schemas.config import PolicyLossConfig, Resources, Strict
+from schemas.control_config import EntropyControlConfig
 from schemas.data_config import DataConfig, TinyModelConfig
 from schemas.verifier_config import VerifierConfig
 
@@ -72,6 +73,7 @@ class AlgorithmConfig(Strict):
     dynamic_sampling: DynamicSamplingConfig = DynamicSamplingConfig()
     is_correction: ISCorrectionConfig = ISCorrectionConfig()
     overlong: OverlongConfig = OverlongConfig()
+    entropy_control: EntropyControlConfig = EntropyControlConfig()
     entropy_coef: float = Field(0.0, ge=0, description="Entropy bonus coefficient (paper: 0).")
     kl_coef: float = Field(
         0.0, ge=0, description="KL-to-reference loss coefficient (paper: 0). >0 starts the reference role."
@@ -204,6 +206,17 @@ class RunConfig(Strict):
             raise ValueError(
                 f"algorithm.overlong.buffer_tokens = {overlong.buffer_tokens} must be <= "
                 f"generator.max_new_tokens = {self.generator.max_new_tokens} for the soft overlong penalty"
+            )
+        ec = self.algorithm.entropy_control
+        if ec.enabled:
+            try:
+                ec.knob_field(self.algorithm.policy_loss.name)
+            except ValueError as e:
+                raise ValueError(f"algorithm.entropy_control: {e}") from None
+        if self.schedule.mode == "async" and self.algorithm.dynamic_sampling.enabled:
+            raise ValueError(
+                "schedule.mode=async with algorithm.dynamic_sampling.enabled is not supported yet: "
+                "use one of them"
             )
         if self.reference.enabled == "never" and self.algorithm.kl_coef > 0:
             raise ValueError(

@@ -419,7 +419,7 @@ def test_driver_collect_runs_dynamic_sampling_through_the_roles(monkeypatch):
         }
     )
     t = object.__new__(driver.Trainer)
-    t.cfg, t.data = cfg, driver.DataSource(stream=Stream(), eval_rows=[], tokenizer=Tok())
+    t.cfg, t.data, t._pending = cfg, driver.DataSource(stream=Stream(), eval_rows=[], tokenizer=Tok()), None
 
     def generate(prompts, n):
         ids = prompts.prompt_ids.tolist()
