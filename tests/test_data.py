@@ -1,0 +1,257 @@
+"""Dataset loading (JSONL, Parquet, chat, malformed rows, length filter) and the resumable PromptStream."""
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pipeline import task
+from pipeline.data import DataError, PromptStream, get_field, load_split, render_prompt
+from pipeline.tokenizer import build_char_tokenizer
+from schemas.data_config import DataConfig, SyntheticTaskConfig
+
+
+def _jsonl(path, rows):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return str(path)
+
+
+class _ChatTok:
+    """Minimal stand-in for an HF tokenizer with a chat template (no hub here)."""
+
+    chat_template = "fake"
+
+    def apply_chat_template(self, messages, tokenize, add_generation_prompt):
+        assert tokenize is False and add_generation_prompt is True
+        return "".join(f"<{m['role']}>{m['content']}" for m in messages) + "<assistant>"
+
+    def __call__(self, texts, add_special_tokens=True):
+        return {"input_ids": [[0] * (len(t.split()) + add_special_tokens) for t in texts]}
+
+
+@pytest.fixture(scope="module")
+def char_tok():
+    return build_char_tokenizer(task.SYMBOLS, max_length=64)
+
+
+def test_jsonl_common_columns(tmp_path):
+    f = _jsonl(
+        tmp_path / "a.jsonl",
+        [
+            {"prompt": "1+2=", "ground_truth": "3", "data_source": "arithmetic", "id": "x"},
+            "",  # blank lines are not rows
+            {"prompt": "2+2=", "reward_model": {"ground_truth": 4, "style": "rule"}},
+            {
+                "prompt": "3+3=",
+                "ground_truth": None,
+                "reward_model": {"ground_truth": "6"},
+            },  # null: fall back
+        ],
+    )
+    rows, rep = load_split(DataConfig(train_files=[f]), "train")
+    assert rows == [
+        {"prompt": "1+2=", "ground_truth": "3", "data_source": "arithmetic", "id": "x"},
+        {"prompt": "2+2=", "ground_truth": "4", "data_source": "unknown", "id": "a-3"},
+        {"prompt": "3+3=", "ground_truth": "6", "data_source": "unknown", "id": "a-4"},
+    ]
+    assert (rep.rows_read, rep.loaded, rep.bad_rows, rep.too_long) == (3, 3, 0, 0)
+    eval_rows, eval_rep = load_split(DataConfig(train_files=[f]), "eval")
+    assert eval_rows == [] and "eval off" in eval_rep.source
+
+
+def test_parquet_nested_and_column_mapping(tmp_path):
+    table = pa.table(
+        {
+            "question": ["1+1=", "3+4="],
+            "meta": [{"answer": "2"}, {"answer": "7"}],
+            "src": ["arithmetic", "arithmetic"],
+        }
+    )
+    pq.write_table(table, tmp_path / "d.parquet")
+    cfg = DataConfig(
+        train_files=[str(tmp_path / "*.parquet")],
+        prompt_key="question",
+        ground_truth_key="meta.answer",
+        data_source_key="src",
+    )
+    rows, rep = load_split(cfg, "train")
+    assert [(r["prompt"], r["ground_truth"], r["data_source"]) for r in rows] == [
+        ("1+1=", "2", "arithmetic"),
+        ("3+4=", "7", "arithmetic"),
+    ]
+    assert rep.files == [str(tmp_path / "d.parquet")]
+
+
+def test_chat_prompts_with_and_without_template(tmp_path):
+    msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "1+1="}]
+    f = _jsonl(
+        tmp_path / "c.jsonl", [{"prompt": msgs, "ground_truth": "2"}, {"prompt": "2+2=", "ground_truth": "4"}]
+    )
+    rows, _ = load_split(DataConfig(train_files=[f]), "train", tokenizer=_ChatTok())
+    assert rows[0]["prompt"] == "<system>be brief<user>1+1=<assistant>"
+    assert rows[1]["prompt"] == "2+2="  # plain strings pass through unless wrap_plain_prompts
+    rows, _ = load_split(DataConfig(train_files=[f], wrap_plain_prompts=True), "train", tokenizer=_ChatTok())
+    assert rows[1]["prompt"] == "<user>2+2=<assistant>"
+    rows, _ = load_split(DataConfig(train_files=[f]), "train", tokenizer=None)
+    assert rows[0]["prompt"] == "be brief\n1+1="
+    assert render_prompt("x", None) == ("x", False)
+
+
+@pytest.mark.parametrize(
+    ("bad", "row_no", "field"),
+    [
+        ('{"prompt": "1+1=", "ground_truth": "2"', 2, "<json>"),
+        ({"ground_truth": "2"}, 2, "prompt"),
+        ({"prompt": "1+1="}, 2, "ground_truth or reward_model.ground_truth"),
+        ({"prompt": "1+1=", "ground_truth": None}, 2, "ground_truth or reward_model.ground_truth"),
+        ({"prompt": 5, "ground_truth": "2"}, 2, "prompt"),
+        ({"prompt": [{"role": "user"}], "ground_truth": "2"}, 2, "prompt[0]"),
+        ({"prompt": "1+1=", "ground_truth": ["2"]}, 2, "ground_truth"),
+        ({"prompt": "1+1=", "ground_truth": "2", "data_source": 3}, 2, "data_source"),
+        ("[1, 2]", 2, "<row>"),
+    ],
+)
+def test_bad_row_error_names_file_row_field(tmp_path, bad, row_no, field):
+    f = _jsonl(tmp_path / "bad.jsonl", [{"prompt": "1+1=", "ground_truth": "2"}, bad])
+    with pytest.raises(DataError) as err:
+        load_split(DataConfig(train_files=[f]), "train")
+    msg = str(err.value)
+    assert f"{f}: row {row_no}: field '{field}'" in msg and "on_bad_row='skip'" in msg
+
+
+def test_skip_mode_counts_bad_rows(tmp_path):
+    f = _jsonl(
+        tmp_path / "s.jsonl",
+        [
+            {"prompt": "1+1=", "ground_truth": "2"},
+            "{oops",
+            {"prompt": ""},
+            {"prompt": "2+2=", "ground_truth": 4},
+        ],
+    )
+    rows, rep = load_split(DataConfig(train_files=[f], on_bad_row="skip"), "train")
+    assert [r["ground_truth"] for r in rows] == ["2", "4"]
+    assert (rep.rows_read, rep.bad_rows, rep.loaded) == (4, 2, 2)
+    assert "row 2" in rep.bad_examples[0] and "row 3" in rep.bad_examples[1]
+    assert "2 malformed skipped" in rep.summary()
+
+
+def test_prompt_length_filter_counts(tmp_path, char_tok):
+    f = _jsonl(tmp_path / "l.jsonl", [{"prompt": "1" * n + "=", "ground_truth": "1"} for n in (3, 8, 9, 20)])
+    # lengths with <s>: 5, 10, 11, 22
+    rows, rep = load_split(DataConfig(train_files=[f], max_prompt_tokens=10), "train", tokenizer=char_tok)
+    assert len(rows) == 2 and rep.too_long == 2 and rep.length_checked
+    rows, rep = load_split(DataConfig(train_files=[f], max_prompt_tokens=10), "train")
+    assert len(rows) == 4 and not rep.length_checked  # no tokenizer: no lengths to check
+
+
+def test_empty_and_missing_datasets(tmp_path, char_tok):
+    f = _jsonl(tmp_path / "e.jsonl", [])
+    with pytest.raises(DataError, match="no usable prompts"):
+        load_split(DataConfig(train_files=[f]), "train")
+    long = _jsonl(tmp_path / "long.jsonl", [{"prompt": "1" * 50, "ground_truth": "1"}])
+    with pytest.raises(DataError, match="1 longer than max_prompt_tokens=8"):
+        load_split(DataConfig(train_files=[long], max_prompt_tokens=8), "train", tokenizer=char_tok)
+    with pytest.raises(DataError, match="not found"):
+        load_split(DataConfig(train_files=[str(tmp_path / "nope.jsonl")]), "train")
+    with pytest.raises(DataError, match="not found"):
+        load_split(DataConfig(train_files=[str(tmp_path / "*.parquet")]), "train")
+    (tmp_path / "x.csv").write_text("a,b\n")
+    with pytest.raises(DataError, match="data.format"):
+        load_split(DataConfig(train_files=[str(tmp_path / "x.csv")]), "train")
+    with pytest.raises(DataError, match="at least one row"):
+        PromptStream([])
+
+
+def test_builtin_synthetic_dataset(char_tok):
+    cfg = DataConfig(synthetic=SyntheticTaskConfig(n_train=300, n_eval=50))
+    train, rep = load_split(cfg, "train", tokenizer=char_tok)
+    held, _ = load_split(cfg, "eval", tokenizer=char_tok)
+    assert len(train) == 300 and len(held) == 50 and rep.too_long == 0
+    assert not {r["prompt"] for r in train} & {r["prompt"] for r in held}
+    assert train[0]["data_source"] == "arithmetic" and "synthetic" in rep.source
+
+
+def test_synthetic_train_with_eval_files(tmp_path):
+    f = _jsonl(tmp_path / "ev.jsonl", [{"prompt": "1+1=", "ground_truth": "2"}])
+    cfg = DataConfig(eval_files=[f], synthetic=SyntheticTaskConfig(n_train=30, n_eval=5))
+    assert len(load_split(cfg, "train")[0]) == 30
+    assert [r["prompt"] for r in load_split(cfg, "eval")[0]] == ["1+1="]
+
+
+def test_get_field_dotted_and_literal():
+    rec = {"a": {"b": {"c": 1}}, "x.y": 2}
+    assert get_field(rec, "a.b.c") == 1 and get_field(rec, "x.y") == 2
+    assert get_field(rec, "a.z") is get_field(rec, "q")
+
+
+def _rows(n):
+    return [{"id": str(i)} for i in range(n)]
+
+
+def _ids(batches):
+    return [r["id"] for b in batches for r in b]
+
+
+def test_stream_deterministic_epochs_and_boundaries():
+    a, b = PromptStream(_rows(10), seed=7), PromptStream(_rows(10), seed=7)
+    seq = _ids(a.next_batch(4) for _ in range(10))
+    assert seq == _ids(b.next_batch(4) for _ in range(10))
+    for e in range(4):  # every epoch is a permutation; consecutive epochs differ
+        assert sorted(seq[10 * e : 10 * e + 10], key=int) == [str(i) for i in range(10)]
+    assert seq[:10] != seq[10:20]
+    assert PromptStream(_rows(5), shuffle=False).next_batch(7) == [
+        {"id": str(i)} for i in (0, 1, 2, 3, 4, 0, 1)
+    ]
+    big = PromptStream(_rows(3), seed=1).next_batch(10)  # batch larger than the dataset spans epochs
+    assert len(big) == 10
+
+
+@pytest.mark.parametrize("interrupt_after", [1, 2, 5])  # step 1, mid-epoch, exactly at an epoch boundary
+def test_stream_resume_equivalence(interrupt_after):
+    n_rows, batch, steps = 12, 6, 9  # 2 batches per epoch: after 2 and 4 steps the position is at a boundary
+    uninterrupted = PromptStream(_rows(n_rows), seed=3)
+    ref = _ids(uninterrupted.next_batch(batch) for _ in range(steps))
+    first = PromptStream(_rows(n_rows), seed=3)
+    part1 = _ids(first.next_batch(batch) for _ in range(interrupt_after))
+    assert interrupt_after != 2 or first.state_dict()["position"] == 0  # the boundary case
+    state = json.loads(json.dumps(first.state_dict()))  # survives a checkpoint round trip
+    resumed = PromptStream(_rows(n_rows), seed=3)
+    resumed.load_state_dict(state)
+    part2 = _ids(resumed.next_batch(batch) for _ in range(steps - interrupt_after))
+    assert part1 + part2 == ref
+
+
+def test_stream_resume_at_unnormalised_boundary_and_mismatch():
+    ref = PromptStream(_rows(4), seed=0)
+    ref.next_batch(4)
+    expected = ref.next_batch(4)
+    s = PromptStream(_rows(4), seed=0)
+    s.load_state_dict({"epoch": 0, "position": 4})  # a state written by code that did not normalise
+    assert s.next_batch(4) == expected and s.state_dict()["epoch"] == 2
+    with pytest.raises(DataError, match="n_rows"):
+        PromptStream(_rows(5), seed=0).load_state_dict(ref.state_dict())
+    with pytest.raises(DataError, match="seed"):
+        PromptStream(_rows(4), seed=1).load_state_dict(ref.state_dict())
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    n_rows=st.integers(1, 9),
+    sizes=st.lists(st.integers(1, 7), min_size=1, max_size=8),
+    cut=st.integers(0, 8),
+    seed=st.integers(0, 3),
+)
+def test_stream_resume_equivalence_property(n_rows, sizes, cut, seed):
+    """For any batch-size sequence and interruption point, interrupted + resumed == uninterrupted."""
+    cut = min(cut, len(sizes))
+    ref_stream = PromptStream(_rows(n_rows), seed=seed)
+    ref = _ids([ref_stream.next_batch(k) for k in sizes])
+    first = PromptStream(_rows(n_rows), seed=seed)
+    part1 = _ids([first.next_batch(k) for k in sizes[:cut]])
+    resumed = PromptStream(_rows(n_rows), seed=seed)
+    resumed.load_state_dict(first.state_dict())
+    assert part1 + _ids([resumed.next_batch(k) for k in sizes[cut:]]) == ref
