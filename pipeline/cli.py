@@ -9,7 +9,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     commands = ("train", "report")
     if not argv or argv[0] not in commands:
-        print(f"usage: covrl {{{','.join(commands)}}} [options]   (covrl COMMAND --help for details)", file=sys.stderr)
+        print(
+            f"usage: covrl {{{','.join(commands)}}} [options]   (covrl COMMAND --help for details)",
+            file=sys.stderr,
+        )
         return 2
     command, rest = argv[0], argv[1:]
     if command == "train":

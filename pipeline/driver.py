@@ -22,8 +22,9 @@ import torch
 from actors.verifier import score_with_pool
 from pipeline import checkpoint as ckpt
 from pipeline.advantages import compute_advantages
-from pipeline.batching import build_train_batch, concat_rollouts, split_prompts
+from pipeline.batching import build_train_batch
 from pipeline.entropy_control import EntropyController
+from pipeline.generation import GeneratorPool, Launched, RoleFailure
 from pipeline.progress import Progress
 from pipeline.recipe import fill_informative, handle_overlong, reward_metrics
 from pipeline.roles import Roles
@@ -70,6 +71,21 @@ def make_controller(cfg: RunConfig) -> EntropyController | None:
     )
 
 
+class TrainingDiverged(RuntimeError):
+    """Too many consecutive steps without a finite update."""
+
+
+def _get_or_fail(role: str, refs: Any) -> Any:
+    """ray.get that turns a dead actor into RoleFailure naming the role (the run then restarts from
+    the latest checkpoint, see pipeline.train)."""
+    try:
+        return ray.get(refs)
+    except ray.exceptions.RayActorError as e:
+        raise RoleFailure(
+            role, str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        ) from None
+
+
 def _every(n: int, step: int) -> bool:
     return n > 0 and step % n == 0
 
@@ -88,25 +104,22 @@ class Trainer:
         self.cfg, self.run_dir, self.roles, self.data = cfg, run_dir, roles, data
         self.start_step, self.version = start_step, version
         self.progress = Progress(total=cfg.schedule.steps, start=start_step)
-        self._pending: list[Any] | None = None  # async mode: refs of the next step's generation
+        self.pool = GeneratorPool(roles.generators)
+        self._pending: Launched | None = None  # async mode: the next step's generation, in flight
         self._data_state: dict[str, Any] = data.stream.state_dict()
         self.controller = make_controller(cfg)
+        self.bad_steps = 0
 
     # ------------------------------------------------------------------ roles, one call each
-    def launch(self, prompts: PromptBatch, n: int, **kw: Any) -> list[Any]:
-        """Start generation on every replica (prompt rows split across them); returns object refs."""
-        gens = self.roles.generators
-        return [g.generate.remote(s, n=n, **kw) for g, s in zip(gens, split_prompts(prompts, len(gens)))]
+    def launch(self, prompts: PromptBatch, n: int, **kw: Any) -> Launched:
+        """Start generation on every live replica (prompt rows split across them)."""
+        return self.pool.launch(prompts, n, **kw)
 
     def generate(self, prompts: PromptBatch, n: int, **kw: Any) -> tuple[RolloutBatch, dict[str, float]]:
         return self.gather(self.launch(prompts, n, **kw))
 
-    def gather(self, refs: list[Any]) -> tuple[RolloutBatch, dict[str, float]]:
-        outs = ray.get(refs)
-        stats: dict[str, float] = {"time/generate": max(o[1]["time/generate"] for o in outs)}
-        tokens = sum(o[1]["tokens"] for o in outs)
-        stats["throughput/generate_tokens_per_s"] = tokens / max(stats["time/generate"], 1e-9)
-        return concat_rollouts([o[0] for o in outs]), stats
+    def gather(self, launched: Launched) -> tuple[RolloutBatch, dict[str, float]]:
+        return self.pool.gather(launched)
 
     def score(self, rollout: RolloutBatch) -> ScoredBatch:
         p_idx = rollout.prompt_index
@@ -146,7 +159,16 @@ class Trainer:
             ray.get([lr.get_weights.remote() for lr in learners[1:]])
         else:
             weights = learners[0].get_weights.remote()
-        ray.get([g.load_weights.remote(weights, self.version) for g in self.roles.generators])
+        gens = [self.roles.generators[i] for i in self.pool.live()]
+        try:
+            ray.get([g.load_weights.remote(weights, self.version) for g in gens])
+        except ray.exceptions.RayActorError:
+            # A replica died while loading: it is left out of the pool and revived (with weights) later.
+            for i in self.pool.live():
+                try:
+                    ray.get(self.roles.generators[i].info.remote(), timeout=5)
+                except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                    self.pool.dead.add(i)
         return time.perf_counter() - t0
 
     # ------------------------------------------------------------------ the step
@@ -215,13 +237,14 @@ class Trainer:
         ref_time = 0.0
         if self.roles.references:
             t0 = time.perf_counter()
-            ref_logp, _ = ray.get(self.roles.references[0].logprobs.remote(train))
+            ref_logp, _ = _get_or_fail("reference", self.roles.references[0].logprobs.remote(train))
             train = train.model_copy(update={"ref_logprobs": ref_logp})
             ref_time = time.perf_counter() - t0
         train_ref = ray.put(train)
         measure = _every(cfg.learner.measure_entropy_change_every, step)
         top_k = cfg.metrics.inspector_top_k if _every(cfg.metrics.inspector_every, step) else 0
-        stats = ray.get(
+        stats = _get_or_fail(
+            "learner",
             [
                 lr.train_step.remote(
                     train_ref,
@@ -232,9 +255,19 @@ class Trainer:
                     old_logprobs_from_sampler=cfg.schedule.mode == "async",
                 )
                 for lr in self.roles.learners
-            ]
+            ],
         )
         self.version = stats[0].policy_version
+        skipped = stats[0].metrics.get("actor/skipped_updates", 0.0)
+        self.bad_steps = self.bad_steps + 1 if skipped and skipped == stats[0].metrics["actor/updates"] else 0
+        if self.bad_steps >= cfg.learner.max_bad_steps:
+            raise TrainingDiverged(
+                f"{self.bad_steps} consecutive steps had every update skipped for non-finite loss/gradients "
+                f"(step {step}); stopping. The last good checkpoint is kept: resume with --resume {self.run_dir} "
+                "after lowering learner.lr or checking the data"
+            )
+        if self.pool.dead and self.pool.revive(timeout_s=5.0):
+            print("  generator replica restarted: pushing current weights to it", flush=True)
         sync_s = self.sync_weights()
         metrics = self._step_metrics(scored, stats[0].metrics, gen_stats, ref_time, sync_s) | recipe_metrics
         if self.controller is not None:

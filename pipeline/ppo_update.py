@@ -144,7 +144,7 @@ def ppo_update(
 
     gen = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng(seed)
-    acc, updates, bad = _Accumulator(), 0, 0
+    acc, updates, bad, skipped = _Accumulator(), 0, 0, 0
     grad_norms: list[float] = []
     model.train()
     for epoch in range(learner.epochs):
@@ -188,17 +188,23 @@ def ppo_update(
                     full_logits,
                     is_flat,
                 )
-                if not torch.isfinite(loss):
+                # A non-finite loss is still back-propagated: its NaN/inf reaches the gradient norm, which
+                # DeepSpeed (ZeRO >= 1) checks before stepping — the whole update is then skipped and the
+                # accumulated gradients cleared, on every rank alike.
+                if torch.isfinite(loss):
+                    acc.add(stats, tokens)
+                else:
                     bad += 1
-                    continue
                 trainable.backward(loss * world_size)
-                acc.add(stats, tokens)
             grad_norm = trainable.step()
             updates += 1
-            if grad_norm is not None:
+            if grad_norm is not None and not np.isfinite(grad_norm):
+                skipped += 1
+            elif grad_norm is not None:
                 grad_norms.append(float(grad_norm))
     metrics |= acc.global_means(all_gather, "actor/")
     metrics["actor/updates"] = float(updates)
+    metrics["actor/skipped_updates"] = float(skipped)
     metrics["actor/nonfinite_micro_batches"] = float(sum(all_gather(bad)))
     if grad_norms:
         metrics["actor/grad_norm"] = float(np.mean(grad_norms))

@@ -159,7 +159,7 @@ def _start(
     ]
     roles.generators = [
         ray.remote(Generator)
-        .options(**actor_options(cfg.generator.resources))
+        .options(**actor_options(cfg.generator.resources, max_restarts=cfg.generator.max_restarts))
         .remote(cfg.generator, model_path, replica=i, seed=seed, metrics_actor=metrics_name)
         for i in range(cfg.generator.replicas)
     ]

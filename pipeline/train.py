@@ -125,8 +125,7 @@ def prepare(args: argparse.Namespace) -> tuple[RunConfig, Path, str, Any, Any, l
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import ray
 
-    from pipeline.driver import DataSource, Trainer
-    from pipeline.roles import placement_report, start_roles, stop_roles
+    from pipeline.generation import RoleFailure
     from pipeline.summary import summarize_run
 
     cfg, run_dir, model_path, tokenizer, stream, eval_rows, resume = prepare(args)
@@ -147,8 +146,59 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             log_to_driver=args.verbose,
             runtime_env={"env_vars": {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0")}},
         )
-    roles = None
     t0 = time.perf_counter()
+    initial_data_state = stream.state_dict()
+    attempt = 0
+    try:
+        while True:
+            try:
+                _attempt(cfg, run_dir, model_path, tokenizer, stream, eval_rows, resume)
+                break
+            except RoleFailure as failure:
+                attempt += 1
+                resume = _restart_point(run_dir, stream, initial_data_state)
+                where = f"checkpoint {resume[0].name}" if resume[0] else "the start (no checkpoint yet)"
+                if attempt > cfg.schedule.max_role_restarts:
+                    raise RoleFailure(
+                        failure.role,
+                        f"{failure} — gave up after {cfg.schedule.max_role_restarts} restarts; "
+                        f"resume later with --resume {run_dir} (from {where})",
+                    ) from None
+                print(
+                    f"[covrl] {failure}; restarting every role from {where} "
+                    f"(attempt {attempt}/{cfg.schedule.max_role_restarts})",
+                    flush=True,
+                )
+        summary = summarize_run(run_dir, wall_s=time.perf_counter() - t0)
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        return summary
+    finally:
+        if started_ray:
+            ray.shutdown()
+
+
+def _restart_point(run_dir: Path, stream: Any, initial_data_state: dict) -> tuple[Path | None, Any]:
+    """Where an automatic restart resumes: the latest complete checkpoint, or the very start."""
+    from pipeline import checkpoint as ckpt
+
+    ckpt.clean_partials(run_dir)
+    latest = ckpt.latest(run_dir)
+    if latest is None:
+        stream.load_state_dict(initial_data_state)
+        return (None, ckpt.DriverState(step=0, policy_version=0, data_state=initial_data_state, rng_seed=0))
+    state = ckpt.load_state(latest)
+    stream.load_state_dict(state.data_state)
+    return latest, state
+
+
+def _attempt(cfg, run_dir: Path, model_path: str, tokenizer, stream, eval_rows, resume) -> None:
+    """Start every role, (re)load the checkpoint if resuming, train to the end; always release roles."""
+    import ray
+
+    from pipeline.driver import DataSource, Trainer
+    from pipeline.roles import placement_report, start_roles, stop_roles
+
+    roles = None
     try:
         start_step = resume[1].step if resume else 0
         roles = start_roles(cfg, model_path, str(run_dir), resume_after_step=start_step if resume else None)
@@ -156,7 +206,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         trainer = Trainer(
             cfg, str(run_dir), roles, DataSource(stream, eval_rows, tokenizer), start_step=start_step
         )
-        if resume:
+        if resume and resume[0] is not None:
             versions = ray.get(
                 [lr.load_checkpoint.remote(str(resume[0] / "learner"), "ckpt") for lr in roles.learners]
             )
@@ -169,14 +219,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 flush=True,
             )
         trainer.run()
-        summary = summarize_run(run_dir, wall_s=time.perf_counter() - t0)
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-        return summary
     finally:
         if roles is not None:
             stop_roles(roles)
-        if started_ray:
-            ray.shutdown()
 
 
 def _link_latest(run_dir: Path) -> None:
@@ -194,14 +239,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from pipeline.checkpoint import CheckpointError
     from pipeline.data import DataError
+    from pipeline.driver import TrainingDiverged
+    from pipeline.generation import RoleFailure
     from pipeline.roles import RoleStartError
     from pipeline.summary import print_summary
 
     try:
         summary = run(args)
-    except (ConfigError, InputError, DataError, CheckpointError, RoleStartError) as e:
+    except (ConfigError, InputError, DataError) as e:
         print(f"[covrl] error: {e}", file=sys.stderr, flush=True)
         return 2
+    except (CheckpointError, RoleStartError, RoleFailure, TrainingDiverged) as e:
+        print(f"[covrl] error: {e}", file=sys.stderr, flush=True)
+        return 1
     print_summary(summary)
     return 0
 

@@ -83,6 +83,9 @@ class AlgorithmConfig(Strict):
 
 class GeneratorConfig(Strict):
     replicas: int = Field(1, ge=1, description="vLLM engine replicas; prompts are split across them.")
+    max_restarts: int = Field(
+        1, ge=0, description="Ray restarts of a dead replica (it then gets the current weights before use)."
+    )
     resources: Resources = Resources(num_cpus=1.0)
     temperature: float = Field(
         1.0, gt=0, description="Sampling temperature; the learner scales logits by it too."
@@ -110,7 +113,12 @@ class ReferenceConfig(Strict):
 class LearnerConfig(Strict):
     ranks: int = Field(1, ge=1, description="DeepSpeed data-parallel ranks (one Ray actor each).")
     resources: Resources = Resources(num_cpus=1.0)
-    zero_stage: int = Field(2, ge=0, le=3)
+    zero_stage: int = Field(
+        2,
+        ge=1,
+        le=3,
+        description="DeepSpeed ZeRO stage (1-3; ZeRO skips an update whose gradient norm is NaN/inf).",
+    )
     lr: float = Field(1e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     warmup_steps: int = Field(0, ge=0, description="Linear LR warm-up, in optimizer updates.")
@@ -164,6 +172,11 @@ class ScheduleConfig(Strict):
     eval_temperature: float = Field(1.0, gt=0)
     checkpoint_every: int = Field(20, ge=0, description="Checkpoint every N steps (0 = only at the end).")
     keep_checkpoints: int = Field(2, ge=1)
+    max_role_restarts: int = Field(
+        2,
+        ge=0,
+        description="Automatic restarts of every role from the latest checkpoint after a learner/reference death.",
+    )
     mode: Literal["sync", "async"] = Field(
         "sync", description="'async': generation of step t+1 overlaps learning of step t."
     )

@@ -79,3 +79,24 @@ def test_two_ranks_match_one_rank(ray_cluster, model_dir, zero_stage):
     # both ranks report identical step metrics (computed over the global batch)
     assert s2[0].metrics["actor/cov/selected_frac"] == pytest.approx(s2[1].metrics["actor/cov/selected_frac"])
     assert s2[0].metrics["entropy/mean"] == pytest.approx(s1[0].metrics["entropy/mean"], rel=1e-5)
+
+
+def test_nonfinite_loss_skips_the_update_and_keeps_weights_finite(ray_cluster, model_dir):
+    """NaN in one mini-batch: DeepSpeed's overflow check skips exactly that update; the others apply."""
+    clean = random_batch(n=24, seed=1)
+    adv = clean.advantages.copy()
+    adv[5] = np.nan
+    poisoned = clean.model_copy(update={"advantages": adv})
+    cfg = LearnerConfig(zero_stage=2, micro_batch_size=4, mini_batches=3, lr=1e-2, threads=1)
+    actor = ray_cluster.remote(Learner).options(num_cpus=0.5).remote(cfg, AlgorithmConfig(), model_dir, master_port=free_port())
+    try:
+        stats = ray_cluster.get(actor.train_step.remote(poisoned, step=1))
+        weights = dict(ray_cluster.get(actor.get_weights.remote()))
+    finally:
+        ray_cluster.kill(actor)
+    assert stats.metrics["actor/skipped_updates"] == 1
+    assert stats.metrics["actor/nonfinite_micro_batches"] == 1
+    assert stats.metrics["actor/updates"] == 3
+    assert all(np.isfinite(w).all() for w in weights.values())
+    initial = LlamaForCausalLM.from_pretrained(model_dir).state_dict()
+    assert any(np.abs(weights[k] - initial[k].numpy()).max() > 1e-5 for k in weights), "clean updates still apply"
