@@ -6,7 +6,6 @@ import pytest
 import yaml
 
 from pipeline.config_io import ConfigError, dump_config, load_config
-from pipeline.train import main as train_main
 from schemas.run_config import RunConfig
 
 CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").rglob("*.yaml"))
@@ -68,11 +67,19 @@ def test_invalid_yaml_file_is_reported(tmp_path):
         load_config(tmp_path / "missing.yaml")
 
 
-def test_cli_exits_nonzero_before_starting_anything(capsys, tmp_path):
-    import ray
+def test_cli_exits_nonzero_before_starting_anything(tmp_path):
+    """The real CLI, in a fresh process: bad input -> exit 2 with the field named, and Ray never started."""
+    import subprocess
+    import sys
 
-    assert train_main(["--set", "learner.bogus=1"]) == 2
-    assert "learner.bogus: unknown key" in capsys.readouterr().err
-    assert train_main(["--set", f"model.path={tmp_path / 'nowhere'}"]) == 2
-    assert "no such directory" in capsys.readouterr().err
-    assert not ray.is_initialized()
+    def run(*sets):
+        args = [x for kv in sets for x in ("--set", kv)]
+        code = "import sys, ray; from pipeline.train import main; rc = main(sys.argv[1:]); " \
+               "sys.exit(rc + (100 if ray.is_initialized() else 0))"
+        return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120,
+                              cwd=Path(__file__).resolve().parent.parent)
+
+    bad_key = run("learner.bogus=1")
+    assert bad_key.returncode == 2 and "learner.bogus: unknown key" in bad_key.stderr
+    missing = run(f"model.path={tmp_path / 'nowhere'}")
+    assert missing.returncode == 2 and "no such directory" in missing.stderr
