@@ -63,6 +63,7 @@ class MetricsClient:
 
         if self._handle is None:
             self._handle = ray.get_actor(self.actor_name)
+        metrics = metrics | {f"{self.role}/{self.replica}/rss_mb": rss_mb()}
         rec = MetricsRecord(
             step=step,
             role=self.role,
@@ -72,3 +73,10 @@ class MetricsClient:
             tables=tables or {},
         )
         ray.get(self._handle.record.remote(rec))
+
+
+def rss_mb() -> float:
+    """Resident memory of this process (the soak test checks it stays flat)."""
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20

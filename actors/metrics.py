@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from actors._runtime import where
 from schemas.batches import MetricsRecord
 
@@ -34,6 +36,11 @@ class Metrics:
             (r["entropy/mean"], r["eval/pass@1"])
             for r in self.history
             if "eval/pass@1" in r and "entropy/mean" in r
+        ]
+        self.change_pairs = [
+            (r["entropy/predicted_change"], r["entropy/measured_change"])
+            for r in self.history
+            if "entropy/predicted_change" in r and "entropy/measured_change" in r
         ]
         first = next((r["entropy/mean"] for r in self.history if "entropy/mean" in r), None)
         self.initial_entropy: float | None = first
@@ -99,6 +106,12 @@ class Metrics:
             if h0 and h > self.cfg.surge_factor * h0:
                 row["alert/entropy_surge"] = 1.0
                 warnings.append(f"entropy surge: {h:.4f} > {self.cfg.surge_factor}x initial {h0:.4f}")
+        if "entropy/predicted_change" in row and "entropy/measured_change" in row:
+            self.change_pairs.append((row["entropy/predicted_change"], row["entropy/measured_change"]))
+            if len(self.change_pairs) >= 3:
+                pred, meas = zip(*self.change_pairs)
+                if np.std(pred) > 0 and np.std(meas) > 0:
+                    row["entropy/change_correlation"] = float(np.corrcoef(pred, meas)[0, 1])
         if h is not None and "eval/pass@1" in row:
             self.law_points.append((h, row["eval/pass@1"]))
             if len(self.law_points) >= 3:

@@ -168,6 +168,7 @@ def ppo_update(
                     first,
                     fwd,
                     valid_flat,
+                    learner,
                 )
                 model.train()
             kept = mini[row_kept[mini]]
@@ -310,11 +311,12 @@ def _global_selection(
     first,
     fwd,
     valid_flat,
+    learner_cfg,
 ):
     """Selection over the whole mini-batch (all ranks); returns a flat bool mask over the batch layout."""
     mine = _flat_positions(batch, my_rows)
-    if first:
-        cur_mine = start_flat[mine]  # no update yet this step: the current policy is the step-start one
+    if first or learner_cfg.selection_logprobs == "step_start":
+        cur_mine = start_flat[mine]  # first update of the step: the current policy *is* the step-start one
     else:
         model.eval()
         cur, _ = batch_logprobs(model, batch, my_rows, with_entropy=False, **fwd)

@@ -30,6 +30,7 @@ def summarize_run(run_dir: str | Path, *, wall_s: float | None = None) -> dict[s
         return {"run_dir": str(run_dir), "steps": 0}
     evals = [r for r in rows if "eval/pass@1" in r]
     last = rows[-1]
+    law_row = next((r for r in reversed(rows) if "law/a" in r), {})
     out: dict[str, Any] = {
         "run_dir": str(run_dir),
         "steps": last["step"],
@@ -40,7 +41,8 @@ def summarize_run(run_dir: str | Path, *, wall_s: float | None = None) -> dict[s
         "entropy_after": last.get("entropy/after_update", last.get("entropy/mean")),
         "reward_first": rows[0].get("reward/mean"),
         "reward_last": last.get("reward/mean"),
-        "law": {k.split("/")[1]: last[k] for k in ("law/a", "law/b", "law/r2", "law/ceiling") if k in last},
+        "law": {k.split("/")[1]: law_row[k] for k in ("law/a", "law/b", "law/r2", "law/ceiling") if k in law_row},
+        "entropy_change_correlation": last.get("entropy/change_correlation"),
         "mean_seconds": {k.split("/")[1]: _mean(rows, k) for k in TIME_KEYS if any(k in r for r in rows)},
     }
     return out

@@ -135,6 +135,12 @@ class LearnerConfig(Strict):
         description="Where Clip-Cov/KL-Cov pick tokens: over the whole optimizer mini-batch across micro-batches "
         "and ranks (covrl, split-invariant), or per micro-batch (reference code behaviour).",
     )
+    selection_logprobs: Literal["current", "step_start"] = Field(
+        "current",
+        description="Log-probs that rank tokens for mini_batch-scope selection: the current policy's (as the "
+        "paper's code; one extra no-grad forward per mini-batch after the first) or the step-start policy's "
+        "(free: already computed for the old log-probs; differs only after the first update of a step).",
+    )
     threads: int = Field(1, ge=1)
     dtype: Literal["float32", "bfloat16"] = "float32"
     max_bad_steps: int = Field(3, ge=1, description="Stop after this many consecutive non-finite updates.")

@@ -101,3 +101,12 @@ def test_law_is_fitted_live_from_eval_points(tmp_path):
         row = flush(m, s, **{"entropy/mean": h, "eval/pass@1": -a * math.exp(h) + b})
     assert row["law/a"] == pytest.approx(a, rel=1e-6)
     assert row["law/ceiling"] == pytest.approx(b - a, rel=1e-6)
+
+
+def test_predicted_vs_measured_entropy_change_correlation_is_live(tmp_path):
+    m = Metrics(MetricsConfig(tensorboard=False), str(tmp_path))
+    pred = [-0.1, -0.05, -0.2, -0.01, -0.15]
+    for s, p in enumerate(pred, start=1):
+        row = flush(m, s, **{"entropy/predicted_change": p, "entropy/measured_change": 2 * p + 0.001 * s})
+    assert row["entropy/change_correlation"] == pytest.approx(1.0, abs=1e-3)
+    assert "entropy/change_correlation" not in m.rows()[1]  # needs 3 points

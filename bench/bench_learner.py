@@ -1,0 +1,85 @@
+"""Learner throughput: tokens/s of one RL training step (old log-probs + mini-batch updates) with `ppo`
+vs `clip_cov` vs `kl_cov`, on one real DeepSpeed engine, side by side (losses interleaved per repeat).
+
+Target (issue 8): clip_cov / kl_cov cost <= 1.05x ppo. covrl selects tokens over the whole mini-batch;
+with `learner.selection_logprobs=current` (paper-faithful) that needs one no-grad forward per mini-batch
+after the first, with `step_start` it is free. Both are measured.
+    .venv/bin/python bench/bench_learner.py [--repeats 5] [--rows 256]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np  # noqa: E402
+
+from bench._models import build_random_model  # noqa: E402
+from schemas.batches import Ragged, TrainBatch  # noqa: E402
+from schemas.config import PolicyLossConfig  # noqa: E402
+from schemas.run_config import AlgorithmConfig, LearnerConfig  # noqa: E402
+
+VARIANTS = {
+    "ppo": ({"name": "ppo"}, "current"),
+    "clip_cov (current)": ({"name": "clip_cov", "clip_cov_lb": -1e9, "clip_cov_ub": 1e9}, "current"),
+    "clip_cov (step_start)": ({"name": "clip_cov", "clip_cov_lb": -1e9, "clip_cov_ub": 1e9}, "step_start"),
+    "kl_cov (current)": ({"name": "kl_cov"}, "current"),
+    "kl_cov (step_start)": ({"name": "kl_cov"}, "step_start"),
+}
+
+
+def make_batch(rows: int, seed: int = 0) -> TrainBatch:
+    rng = np.random.default_rng(seed)
+    seqs, plen = [], []
+    for _ in range(rows):
+        p = [1, *rng.integers(4, 18, size=8).tolist()]
+        seqs.append(p + rng.integers(4, 18, size=int(rng.integers(20, 40))).tolist())
+        plen.append(len(p))
+    sq = Ragged.from_lists(seqs)
+    rt = int(sq.values.shape[0] - sum(plen))
+    return TrainBatch(step=1, policy_version=0, sequences=sq, prompt_lengths=np.array(plen, np.int32),
+                      advantages=rng.normal(size=rows).astype(np.float32), sampler_logprobs=np.full(rt, -2.8, np.float32),
+                      group_ids=np.repeat(np.arange(rows // 8), 8).astype(np.int64))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--rows", type=int, default=256)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    from actors.learner import Learner
+
+    model = build_random_model("tiny", Path(tempfile.gettempdir()) / "covrl-bench-tiny")
+    batch = make_batch(args.rows)
+    tokens = int(batch.response_lengths.sum())
+    learner = Learner(LearnerConfig(threads=args.threads, mini_batches=4, micro_batch_size=64), AlgorithmConfig(), str(model),
+                      master_port=29631)
+    times: dict[str, list[float]] = {k: [] for k in VARIANTS}
+    for rep in range(args.repeats + 1):
+        for name, (loss, scope) in VARIANTS.items():
+            learner.algo = AlgorithmConfig(policy_loss=PolicyLossConfig(**loss))
+            learner.cfg = learner.cfg.model_copy(update={"selection_logprobs": scope})
+            t0 = time.perf_counter()
+            learner.train_step(batch, step=rep + 1)
+            if rep:  # first round is warm-up
+                times[name].append(time.perf_counter() - t0)
+    base = min(times["ppo"])
+    print(f"{args.rows} sequences, {tokens} response tokens, 4 mini-batch updates, {args.threads} threads")
+    print(f"{'loss':24} {'min s':>7} {'median s':>9} {'tok/s (min)':>12} {'vs ppo (min)':>13} {'vs ppo (median)':>16}")
+    med_base = statistics.median(times["ppo"])
+    for name, ts in times.items():
+        ratio = min(ts) / base
+        flag = "" if name == "ppo" else ("  PASS" if ratio <= 1.05 else "  FAIL (target <= 1.05)")
+        print(f"{name:24} {min(ts):7.3f} {statistics.median(ts):9.3f} {tokens / min(ts):12.0f} {ratio:13.3f} "
+              f"{statistics.median(ts) / med_base:16.3f}{flag}")
+
+
+if __name__ == "__main__":
+    main()
