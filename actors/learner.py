@@ -205,4 +205,12 @@ class Learner:
 
 
 def _to_numpy(module) -> list[tuple[str, np.ndarray]]:
-    return [(name, t.detach().float().cpu().numpy()) for name, t in module.state_dict().items()]
+    """HF-named fp32 arrays; a tensor tied to one already listed (e.g. lm_head = embeddings) is sent once."""
+    seen: set[int] = set()
+    out = []
+    for name, t in module.state_dict().items():
+        if t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        out.append((name, t.detach().float().cpu().numpy()))
+    return out

@@ -83,22 +83,23 @@ def test_response_logprobs_match_naive_forward():
         assert (lp[i, len(resp) :] == 0).all()
 
 
-def run_update(model, batch, loss_name, micro, mini=3):
+def run_update(model, batch, loss_name, micro, mini=3, selection="step_start"):
     algo = AlgorithmConfig(
         policy_loss=PolicyLossConfig(
             name=loss_name, clip_cov_lb=-10.0, clip_cov_ub=10.0, clip_cov_ratio=0.2, kl_cov_ratio=0.2
         )
     )
-    learner = LearnerConfig(micro_batch_size=micro, mini_batches=mini)
+    learner = LearnerConfig(micro_batch_size=micro, mini_batches=mini, selection_logprobs=selection)
     return ppo_update(SGDTrainable(model), batch, algo=algo, learner=learner, temperature=1.0, seed=7).metrics
 
 
+@pytest.mark.parametrize("selection", ["step_start", "current"])
 @pytest.mark.parametrize("loss_name", ["ppo", "clip_cov", "kl_cov"])
-def test_micro_batch_size_does_not_change_the_update(loss_name):
+def test_micro_batch_size_does_not_change_the_update(loss_name, selection):
     batch = random_batch()
     a, b = tiny_model(), tiny_model()
-    ma = run_update(a, batch, loss_name, micro=3)
-    mb = run_update(b, batch, loss_name, micro=64)
+    ma = run_update(a, batch, loss_name, micro=3, selection=selection)
+    mb = run_update(b, batch, loss_name, micro=64, selection=selection)
     for pa, pb in zip(a.parameters(), b.parameters()):
         torch.testing.assert_close(pa, pb, atol=2e-5, rtol=1e-4)
     moved = sum((pa - pb0).abs().sum() for pa, pb0 in zip(a.parameters(), tiny_model().parameters()))
