@@ -117,3 +117,28 @@ def test_custom_verifier_plugin_trains_on_a_jsonl_dataset(tmp_path, ray_cluster)
     # the warm-started model writes the full chain right for some prompts: the plug-in scores them 1
     assert 0 < r[0]["reward/mean"] < 1 and 0 < r[0]["eval/pass@1"] < 1
     assert r[0]["verifier/chains/count"] == 16 * 4
+
+
+@pytest.mark.parametrize(
+    "overrides, check",
+    [
+        (  # dynamic sampling: only informative groups are trained on, and the batch is refilled to size
+            {"algorithm.dynamic_sampling": "{enabled: true, max_rounds: 3}"},
+            lambda r: r["sampling/kept_groups"] <= 16 and "sampling/filtered_frac" in r and r["reward/kept_mean"] > 0,
+        ),
+        (  # the entropy controller sets Clip-Cov's ratio each step from the measured entropy
+            {"algorithm.policy_loss.name": "clip_cov", "algorithm.entropy_control": "{enabled: true, target_fraction: 1.5}"},
+            lambda r: r["control/target"] > 0 and r["control/value"] > 0,
+        ),
+        (  # one-step-async: generation of step t+1 runs with the weights of step t-1
+            {"schedule.mode": "async"},
+            lambda r: r["step"] == 1 or r["version_lag"] == 1,
+        ),
+    ],
+    ids=["dynamic_sampling", "entropy_control", "async"],
+)
+def test_recipe_modes_run_end_to_end(overrides, check, tmp_path, ray_cluster):
+    assert train_main(sets(SMALL | {"run_dir": f"{tmp_path}/run", "schedule.steps": 3, "schedule.eval_every": 0} | overrides)) == 0
+    r = rows(tmp_path / "run")
+    assert [x["step"] for x in r] == [1, 2, 3]
+    assert all(check(x) for x in r), r[-1]
