@@ -5,13 +5,12 @@ import socket
 
 import numpy as np
 import pytest
-import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from actors.learner import Learner
 from schemas.config import PolicyLossConfig
 from schemas.run_config import AlgorithmConfig, LearnerConfig
-from tests.test_ppo_update import random_batch
+from tests.test_ppo_update import random_batch, tiny_model
 
 pytestmark = [pytest.mark.ray, pytest.mark.e2e]
 
@@ -19,18 +18,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.e2e]
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("model")
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=24,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=True,
-    )
-    LlamaForCausalLM(cfg).save_pretrained(path)
+    tiny_model().save_pretrained(path)
     return str(path)
 
 
@@ -88,7 +76,11 @@ def test_nonfinite_loss_skips_the_update_and_keeps_weights_finite(ray_cluster, m
     adv[5] = np.nan
     poisoned = clean.model_copy(update={"advantages": adv})
     cfg = LearnerConfig(zero_stage=2, micro_batch_size=4, mini_batches=3, lr=1e-2, threads=1)
-    actor = ray_cluster.remote(Learner).options(num_cpus=0.5).remote(cfg, AlgorithmConfig(), model_dir, master_port=free_port())
+    actor = (
+        ray_cluster.remote(Learner)
+        .options(num_cpus=0.5)
+        .remote(cfg, AlgorithmConfig(), model_dir, master_port=free_port())
+    )
     try:
         stats = ray_cluster.get(actor.train_step.remote(poisoned, step=1))
         weights = dict(ray_cluster.get(actor.get_weights.remote()))
@@ -99,4 +91,6 @@ def test_nonfinite_loss_skips_the_update_and_keeps_weights_finite(ray_cluster, m
     assert stats.metrics["actor/updates"] == 3
     assert all(np.isfinite(w).all() for w in weights.values())
     initial = LlamaForCausalLM.from_pretrained(model_dir).state_dict()
-    assert any(np.abs(weights[k] - initial[k].numpy()).max() > 1e-5 for k in weights), "clean updates still apply"
+    assert any(np.abs(weights[k] - initial[k].numpy()).max() > 1e-5 for k in weights), (
+        "clean updates still apply"
+    )

@@ -8,7 +8,6 @@ import math
 import numpy as np
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from pipeline.losses import aggregate_loss, get_policy_loss
 from pipeline.ppo_update import ppo_update
@@ -33,6 +32,7 @@ from schemas.batches import (
 )
 from schemas.config import PolicyLossConfig
 from schemas.run_config import AlgorithmConfig, ISCorrectionConfig, LearnerConfig, RunConfig
+from tests.test_ppo_update import tiny_model
 
 # ------------------------------------------------------------------------------ fakes
 
@@ -268,21 +268,6 @@ def test_token_weights_scale_each_tokens_gradient():
 
 
 # ------------------------------------------------------------------------------ through ppo_update
-
-
-def tiny_model(seed=0):
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=24,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=32,
-        tie_word_embeddings=True,
-    )
-    return LlamaForCausalLM(cfg).float()
 
 
 def small_batch(n=8, seed=0, loss_mask=None):

@@ -16,7 +16,7 @@ from pipeline.data import PromptStream, load_split
 from pipeline.driver import DataSource, Trainer, encode_prompts
 from pipeline.roles import start_roles, stop_roles
 from pipeline.tiny_model import ensure_tiny_model
-from pipeline.train import prepare, parse_args
+from pipeline.train import parse_args, prepare
 from schemas.run_config import RunConfig
 
 pytestmark = [pytest.mark.e2e, pytest.mark.ray]
