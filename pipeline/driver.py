@@ -75,6 +75,22 @@ class TrainingDiverged(RuntimeError):
     """Too many consecutive steps without a finite update."""
 
 
+def track_bad_steps(
+    bad_steps: int, learner_metrics: dict[str, float], *, step: int, limit: int, run_dir: str
+) -> int:
+    """Consecutive steps whose every update was skipped (non-finite loss/gradients); raises at ``limit``.
+    No checkpoint is written by a failing step, so the last good one stays the latest."""
+    skipped = learner_metrics.get("actor/skipped_updates", 0.0)
+    bad_steps = bad_steps + 1 if skipped and skipped == learner_metrics.get("actor/updates") else 0
+    if bad_steps >= limit:
+        raise TrainingDiverged(
+            f"{bad_steps} consecutive steps had every update skipped for non-finite loss/gradients (step {step}); "
+            f"stopping. The last good checkpoint is kept: resume with --resume {run_dir} after lowering "
+            "learner.lr or checking the data"
+        )
+    return bad_steps
+
+
 def _get_or_fail(role: str, refs: Any) -> Any:
     """ray.get that turns a dead actor into RoleFailure naming the role (the run then restarts from
     the latest checkpoint, see pipeline.train)."""
@@ -258,14 +274,9 @@ class Trainer:
             ],
         )
         self.version = stats[0].policy_version
-        skipped = stats[0].metrics.get("actor/skipped_updates", 0.0)
-        self.bad_steps = self.bad_steps + 1 if skipped and skipped == stats[0].metrics["actor/updates"] else 0
-        if self.bad_steps >= cfg.learner.max_bad_steps:
-            raise TrainingDiverged(
-                f"{self.bad_steps} consecutive steps had every update skipped for non-finite loss/gradients "
-                f"(step {step}); stopping. The last good checkpoint is kept: resume with --resume {self.run_dir} "
-                "after lowering learner.lr or checking the data"
-            )
+        self.bad_steps = track_bad_steps(
+            self.bad_steps, stats[0].metrics, step=step, limit=cfg.learner.max_bad_steps, run_dir=self.run_dir
+        )
         if self.pool.dead and self.pool.revive(timeout_s=5.0):
             print("  generator replica restarted: pushing current weights to it", flush=True)
         sync_s = self.sync_weights()

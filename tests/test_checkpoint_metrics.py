@@ -110,3 +110,18 @@ def test_predicted_vs_measured_entropy_change_correlation_is_live(tmp_path):
         row = flush(m, s, **{"entropy/predicted_change": p, "entropy/measured_change": 2 * p + 0.001 * s})
     assert row["entropy/change_correlation"] == pytest.approx(1.0, abs=1e-3)
     assert "entropy/change_correlation" not in m.rows()[1]  # needs 3 points
+
+
+def test_consecutive_all_skipped_steps_stop_the_run():
+    from pipeline.driver import TrainingDiverged, track_bad_steps
+
+    bad = {"actor/skipped_updates": 4.0, "actor/updates": 4.0}
+    partly = {"actor/skipped_updates": 1.0, "actor/updates": 4.0}
+    n = track_bad_steps(0, bad, step=1, limit=3, run_dir="r")
+    n = track_bad_steps(n, partly, step=2, limit=3, run_dir="r")  # one good update resets the count
+    assert n == 0
+    n = track_bad_steps(
+        track_bad_steps(n, bad, step=3, limit=3, run_dir="r"), bad, step=4, limit=3, run_dir="r"
+    )
+    with pytest.raises(TrainingDiverged, match="3 consecutive steps.*--resume r"):
+        track_bad_steps(n, bad, step=5, limit=3, run_dir="r")
