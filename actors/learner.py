@@ -205,12 +205,7 @@ class Learner:
 
 
 def _to_numpy(module) -> list[tuple[str, np.ndarray]]:
-    """HF-named fp32 arrays; a tensor tied to one already listed (e.g. lm_head = embeddings) is sent once."""
-    seen: set[int] = set()
-    out = []
-    for name, t in module.state_dict().items():
-        if t.data_ptr() in seen:
-            continue
-        seen.add(t.data_ptr())
-        out.append((name, t.detach().float().cpu().numpy()))
-    return out
+    """HF-named fp32 arrays of the whole state dict. Tied tensors (LM head = embeddings) are sent under both
+    names on purpose: vLLM's CPU backend keeps its own (repacked) LM-head weight, so skipping the
+    duplicate left the head stale (caught by the weight-sync log-prob test)."""
+    return [(name, t.detach().float().cpu().numpy()) for name, t in module.state_dict().items()]

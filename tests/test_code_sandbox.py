@@ -96,9 +96,20 @@ def test_huge_allocation_fails_inside_the_sandbox(verifier):
 
 
 @needs_uid
+def _dir_outside_temp() -> str:
+    """A writable directory not under /tmp or /var/tmp (the sandbox hides those behind its own tmpfs), so
+    the victim is visible to the sandboxed program and only the throw-away uid can protect it. The
+    checkout itself may live under /tmp (CI clones do)."""
+    for cand in (os.getcwd(), "/srv", "/opt", str(Path.home())):
+        real = os.path.realpath(cand)
+        if not real.startswith(("/tmp", "/var/tmp", "/dev/shm")) and os.access(real, os.W_OK):
+            return real
+    pytest.skip("no writable directory outside the temp dirs")
+
+
 def test_cannot_write_outside_its_directory(verifier, tmp_path):
     # One victim under /tmp (the test's tmp_path) and one outside any temp dir, both owned by the test.
-    outside = Path(tempfile.mkdtemp(prefix=".covrl-victim-", dir=os.getcwd()))
+    outside = Path(tempfile.mkdtemp(prefix=".covrl-victim-", dir=_dir_outside_temp()))
     try:
         victims = [tmp_path / "victim.txt", outside / "victim.txt"]
         for victim in victims:

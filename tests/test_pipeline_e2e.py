@@ -100,12 +100,12 @@ def test_custom_verifier_plugin_trains_on_a_jsonl_dataset(tmp_path, ray_cluster)
     from pipeline.task import make_prompt, make_response
 
     rng = np.random.default_rng(0)
-    rows = []
+    data_rows = []
     for i in range(64):
         a, b = (int(x) for x in rng.integers(100, 1000, size=2))
-        rows.append({"prompt": make_prompt(a, b), "ground_truth": make_response(a, b, 3), "data_source": "chains", "id": i})
+        data_rows.append({"prompt": make_prompt(a, b), "ground_truth": make_response(a, b, 3), "data_source": "chains", "id": i})
     data = tmp_path / "chains.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data.write_text("".join(json.dumps(r) + "\n" for r in data_rows))
     overrides = SMALL | {
         "name": "custom", "run_dir": f"{tmp_path}/{{name}}", "schedule.steps": 2, "schedule.eval_every": 0,
         "data.train_files": f"[{data}]", "data.eval_files": f"[{data}]",
