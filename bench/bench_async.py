@@ -33,8 +33,14 @@ def main() -> None:
     out = Path(tempfile.mkdtemp(prefix="covrl-bench-async-"))
     results = {}
     for i, (name, extra) in enumerate(ARMS.items()):
-        sets = [f"schedule.steps={args.steps}", "schedule.eval_every=0", "metrics.tensorboard=false",
-                f"run_dir={out}/arm{i}", "schedule.checkpoint_every=0", *extra]
+        sets = [
+            f"schedule.steps={args.steps}",
+            "schedule.eval_every=0",
+            "metrics.tensorboard=false",
+            f"run_dir={out}/arm{i}",
+            "schedule.checkpoint_every=0",
+            *extra,
+        ]
         assert train_main([x for s in sets for x in ("--set", s)]) == 0
         rows = [json.loads(x) for x in (out / f"arm{i}" / "metrics.jsonl").read_text().splitlines()]
         steady = rows[2:-1]  # skip warm-up and the last step (final eval)
@@ -48,7 +54,9 @@ def main() -> None:
     print(f"\n{args.steps} steps per arm, default job otherwise")
     print(f"{'arm':34} {'s/step':>7} {'vs sync':>8} {'pass@1 before->after':>22} {'max lag':>8}")
     for name, r in results.items():
-        print(f"{name:34} {r['step_s']:7.2f} {r['step_s'] / base:8.3f} {r['acc_before']:>10.3f} -> {r['acc_after']:.3f} {r['lag']:8.0f}")
+        print(
+            f"{name:34} {r['step_s']:7.2f} {r['step_s'] / base:8.3f} {r['acc_before']:>10.3f} -> {r['acc_after']:.3f} {r['lag']:8.0f}"
+        )
 
 
 if __name__ == "__main__":

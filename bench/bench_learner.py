@@ -43,9 +43,15 @@ def make_batch(rows: int, seed: int = 0) -> TrainBatch:
         plen.append(len(p))
     sq = Ragged.from_lists(seqs)
     rt = int(sq.values.shape[0] - sum(plen))
-    return TrainBatch(step=1, policy_version=0, sequences=sq, prompt_lengths=np.array(plen, np.int32),
-                      advantages=rng.normal(size=rows).astype(np.float32), sampler_logprobs=np.full(rt, -2.8, np.float32),
-                      group_ids=np.repeat(np.arange(rows // 8), 8).astype(np.int64))
+    return TrainBatch(
+        step=1,
+        policy_version=0,
+        sequences=sq,
+        prompt_lengths=np.array(plen, np.int32),
+        advantages=rng.normal(size=rows).astype(np.float32),
+        sampler_logprobs=np.full(rt, -2.8, np.float32),
+        group_ids=np.repeat(np.arange(rows // 8), 8).astype(np.int64),
+    )
 
 
 def main() -> None:
@@ -59,8 +65,12 @@ def main() -> None:
     model = build_random_model("tiny", Path(tempfile.gettempdir()) / "covrl-bench-tiny")
     batch = make_batch(args.rows)
     tokens = int(batch.response_lengths.sum())
-    learner = Learner(LearnerConfig(threads=args.threads, mini_batches=4, micro_batch_size=64), AlgorithmConfig(), str(model),
-                      master_port=29631)
+    learner = Learner(
+        LearnerConfig(threads=args.threads, mini_batches=4, micro_batch_size=64),
+        AlgorithmConfig(),
+        str(model),
+        master_port=29631,
+    )
     times: dict[str, list[float]] = {k: [] for k in VARIANTS}
     for rep in range(args.repeats + 1):
         for name, (loss, scope) in VARIANTS.items():
@@ -72,13 +82,17 @@ def main() -> None:
                 times[name].append(time.perf_counter() - t0)
     base = min(times["ppo"])
     print(f"{args.rows} sequences, {tokens} response tokens, 4 mini-batch updates, {args.threads} threads")
-    print(f"{'loss':24} {'min s':>7} {'median s':>9} {'tok/s (min)':>12} {'vs ppo (min)':>13} {'vs ppo (median)':>16}")
+    print(
+        f"{'loss':24} {'min s':>7} {'median s':>9} {'tok/s (min)':>12} {'vs ppo (min)':>13} {'vs ppo (median)':>16}"
+    )
     med_base = statistics.median(times["ppo"])
     for name, ts in times.items():
         ratio = min(ts) / base
         flag = "" if name == "ppo" else ("  PASS" if ratio <= 1.05 else "  FAIL (target <= 1.05)")
-        print(f"{name:24} {min(ts):7.3f} {statistics.median(ts):9.3f} {tokens / min(ts):12.0f} {ratio:13.3f} "
-              f"{statistics.median(ts) / med_base:16.3f}{flag}")
+        print(
+            f"{name:24} {min(ts):7.3f} {statistics.median(ts):9.3f} {tokens / min(ts):12.0f} {ratio:13.3f} "
+            f"{statistics.median(ts) / med_base:16.3f}{flag}"
+        )
 
 
 if __name__ == "__main__":

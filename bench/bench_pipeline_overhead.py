@@ -41,12 +41,19 @@ def main() -> None:
         from pipeline.train import main as train_main
 
         run_dir = Path(tempfile.mkdtemp(prefix="covrl-bench-overhead-")) / "run"
-        sets = [f"schedule.steps={args.steps}", "schedule.eval_every=0", "metrics.tensorboard=false", f"run_dir={run_dir}"]
+        sets = [
+            f"schedule.steps={args.steps}",
+            "schedule.eval_every=0",
+            "metrics.tensorboard=false",
+            f"run_dir={run_dir}",
+        ]
         assert train_main([x for s in sets for x in ("--set", s)]) == 0
     r = ratios(run_dir)
     print(f"{len(r)} steps of {run_dir}")
-    print(f"step wall / sum of roles' own compute: min {min(r):.3f}, median {statistics.median(r):.3f}, "
-          f"max {max(r):.3f} -> {'PASS' if statistics.median(r) <= 1.10 else 'FAIL'} (target <= 1.10)")
+    print(
+        f"step wall / sum of roles' own compute: min {min(r):.3f}, median {statistics.median(r):.3f}, "
+        f"max {max(r):.3f} -> {'PASS' if statistics.median(r) <= 1.10 else 'FAIL'} (target <= 1.10)"
+    )
 
 
 if __name__ == "__main__":

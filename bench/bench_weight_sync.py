@@ -33,11 +33,15 @@ def measure(size: str, repeats: int) -> dict[str, float]:
     from actors.learner import Learner
 
     model = build_random_model(size, Path(tempfile.gettempdir()) / f"covrl-bench-{size}")
-    learner = ray.remote(Learner).options(num_cpus=1).remote(
-        LearnerConfig(threads=2), AlgorithmConfig(), str(model), master_port=free_port()
+    learner = (
+        ray.remote(Learner)
+        .options(num_cpus=1)
+        .remote(LearnerConfig(threads=2), AlgorithmConfig(), str(model), master_port=free_port())
     )
-    gen = ray.remote(Generator).options(num_cpus=1).remote(
-        GeneratorConfig(threads=2, max_model_len=64, kv_cache_gib=1), str(model)
+    gen = (
+        ray.remote(Generator)
+        .options(num_cpus=1)
+        .remote(GeneratorConfig(threads=2, max_model_len=64, kv_cache_gib=1), str(model))
     )
     ray.get([learner.info.remote(), gen.info.remote()])
     totals, loads = [], []
@@ -54,7 +58,12 @@ def measure(size: str, repeats: int) -> dict[str, float]:
     ray.kill(learner)
     ray.kill(gen)
     gb = nbytes / 1e9
-    return {"GB": gb, "total_min": min(totals), "total_med": statistics.median(totals), "load_min": min(loads)}
+    return {
+        "GB": gb,
+        "total_min": min(totals),
+        "total_med": statistics.median(totals),
+        "load_min": min(loads),
+    }
 
 
 def main() -> None:
@@ -64,11 +73,17 @@ def main() -> None:
     args = ap.parse_args()
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     rows = {s: measure(s, args.repeats) for s in args.sizes.split(",")}
-    print("\npath: DeepSpeed rank-0 state_dict -> numpy -> one Ray object -> vLLM collective_rpc('reload_weights')")
-    print(f"{'model':6} {'GB (fp32)':>10} {'total s (min/med)':>19} {'of which vLLM load s':>21} {'s per GB':>9}")
+    print(
+        "\npath: DeepSpeed rank-0 state_dict -> numpy -> one Ray object -> vLLM collective_rpc('reload_weights')"
+    )
+    print(
+        f"{'model':6} {'GB (fp32)':>10} {'total s (min/med)':>19} {'of which vLLM load s':>21} {'s per GB':>9}"
+    )
     for s, r in rows.items():
-        print(f"{s:6} {r['GB']:10.3f} {r['total_min']:8.3f} / {r['total_med']:6.3f} {r['load_min']:21.3f} "
-              f"{r['total_min'] / r['GB']:9.2f}")
+        print(
+            f"{s:6} {r['GB']:10.3f} {r['total_min']:8.3f} / {r['total_med']:6.3f} {r['load_min']:21.3f} "
+            f"{r['total_min'] / r['GB']:9.2f}"
+        )
     ray.shutdown()
 
 

@@ -41,7 +41,9 @@ def summarize_run(run_dir: str | Path, *, wall_s: float | None = None) -> dict[s
         "entropy_after": last.get("entropy/after_update", last.get("entropy/mean")),
         "reward_first": rows[0].get("reward/mean"),
         "reward_last": last.get("reward/mean"),
-        "law": {k.split("/")[1]: law_row[k] for k in ("law/a", "law/b", "law/r2", "law/ceiling") if k in law_row},
+        "law": {
+            k.split("/")[1]: law_row[k] for k in ("law/a", "law/b", "law/r2", "law/ceiling") if k in law_row
+        },
         "entropy_change_correlation": last.get("entropy/change_correlation"),
         "mean_seconds": {k.split("/")[1]: _mean(rows, k) for k in TIME_KEYS if any(k in r for r in rows)},
     }

@@ -21,7 +21,13 @@ def ray_cluster():
 
     if not ray.is_initialized():
         # The dashboard serves Ray's state API (tests check that runs leave no actor or placement group).
-        ray.init(num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=8299,
-                 log_to_driver=False, namespace="covrl-tests")
+        ray.init(
+            num_cpus=4,
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
+            dashboard_port=8299,
+            log_to_driver=False,
+            namespace="covrl-tests",
+        )
     yield ray
     ray.shutdown()

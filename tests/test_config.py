@@ -74,10 +74,17 @@ def test_cli_exits_nonzero_before_starting_anything(tmp_path):
 
     def run(*sets):
         args = [x for kv in sets for x in ("--set", kv)]
-        code = "import sys, ray; from pipeline.train import main; rc = main(sys.argv[1:]); " \
-               "sys.exit(rc + (100 if ray.is_initialized() else 0))"
-        return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120,
-                              cwd=Path(__file__).resolve().parent.parent)
+        code = (
+            "import sys, ray; from pipeline.train import main; rc = main(sys.argv[1:]); "
+            "sys.exit(rc + (100 if ray.is_initialized() else 0))"
+        )
+        return subprocess.run(
+            [sys.executable, "-c", code, *args],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=Path(__file__).resolve().parent.parent,
+        )
 
     bad_key = run("learner.bogus=1")
     assert bad_key.returncode == 2 and "learner.bogus: unknown key" in bad_key.stderr

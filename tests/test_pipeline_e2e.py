@@ -103,12 +103,23 @@ def test_custom_verifier_plugin_trains_on_a_jsonl_dataset(tmp_path, ray_cluster)
     data_rows = []
     for i in range(64):
         a, b = (int(x) for x in rng.integers(100, 1000, size=2))
-        data_rows.append({"prompt": make_prompt(a, b), "ground_truth": make_response(a, b, 3), "data_source": "chains", "id": i})
+        data_rows.append(
+            {
+                "prompt": make_prompt(a, b),
+                "ground_truth": make_response(a, b, 3),
+                "data_source": "chains",
+                "id": i,
+            }
+        )
     data = tmp_path / "chains.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in data_rows))
     overrides = SMALL | {
-        "name": "custom", "run_dir": f"{tmp_path}/{{name}}", "schedule.steps": 2, "schedule.eval_every": 0,
-        "data.train_files": f"[{data}]", "data.eval_files": f"[{data}]",
+        "name": "custom",
+        "run_dir": f"{tmp_path}/{{name}}",
+        "schedule.steps": 2,
+        "schedule.eval_every": 0,
+        "data.train_files": f"[{data}]",
+        "data.eval_files": f"[{data}]",
         "verifier.default": '{name: "examples.custom_verifier.my_verifier:MyVerifier", options: {bonus: 0.0}}',
     }
     assert train_main(sets(overrides)) == 0
@@ -124,10 +135,17 @@ def test_custom_verifier_plugin_trains_on_a_jsonl_dataset(tmp_path, ray_cluster)
     [
         (  # dynamic sampling: only informative groups are trained on, and the batch is refilled to size
             {"algorithm.dynamic_sampling": "{enabled: true, max_rounds: 3}"},
-            lambda r: r["sampling/kept_groups"] <= 16 and "sampling/filtered_frac" in r and r["reward/kept_mean"] > 0,
+            lambda r: (
+                r["sampling/kept_groups"] <= 16
+                and "sampling/filtered_frac" in r
+                and r["reward/kept_mean"] > 0
+            ),
         ),
         (  # the entropy controller sets Clip-Cov's ratio each step from the measured entropy
-            {"algorithm.policy_loss.name": "clip_cov", "algorithm.entropy_control": "{enabled: true, target_fraction: 1.5}"},
+            {
+                "algorithm.policy_loss.name": "clip_cov",
+                "algorithm.entropy_control": "{enabled: true, target_fraction: 1.5}",
+            },
             lambda r: r["control/target"] > 0 and r["control/value"] > 0,
         ),
         (  # one-step-async: generation of step t+1 runs with the weights of step t-1
@@ -138,7 +156,16 @@ def test_custom_verifier_plugin_trains_on_a_jsonl_dataset(tmp_path, ray_cluster)
     ids=["dynamic_sampling", "entropy_control", "async"],
 )
 def test_recipe_modes_run_end_to_end(overrides, check, tmp_path, ray_cluster):
-    assert train_main(sets(SMALL | {"run_dir": f"{tmp_path}/run", "schedule.steps": 3, "schedule.eval_every": 0} | overrides)) == 0
+    assert (
+        train_main(
+            sets(
+                SMALL
+                | {"run_dir": f"{tmp_path}/run", "schedule.steps": 3, "schedule.eval_every": 0}
+                | overrides
+            )
+        )
+        == 0
+    )
     r = rows(tmp_path / "run")
     assert [x["step"] for x in r] == [1, 2, 3]
     assert all(check(x) for x in r), r[-1]

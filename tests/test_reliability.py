@@ -22,8 +22,13 @@ from schemas.run_config import RunConfig
 pytestmark = [pytest.mark.e2e, pytest.mark.ray]
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = [
-    "schedule.prompts_per_step=16", "schedule.group_size=4", "schedule.eval_prompts=16", "schedule.eval_samples=2",
-    "schedule.eval_every=0", "learner.mini_batches=2", "metrics.tensorboard=false",
+    "schedule.prompts_per_step=16",
+    "schedule.group_size=4",
+    "schedule.eval_prompts=16",
+    "schedule.eval_samples=2",
+    "schedule.eval_every=0",
+    "learner.mini_batches=2",
+    "metrics.tensorboard=false",
 ]
 
 
@@ -53,8 +58,9 @@ def logged_prompt_ids(run_dir: Path) -> list[list[int]]:
 
 def start_training(run_dir: Path, extra: list[str]) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "pipeline.train", *sets(SMALL + [f"run_dir={run_dir}", *extra])]
-    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    return subprocess.Popen(
+        cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
 
 
 def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 400) -> None:
@@ -75,8 +81,17 @@ def model_path():
 
 
 def test_generator_replica_killed_mid_step_loses_no_prompt(ray_cluster, model_path, tmp_path):
-    args = parse_args(sets(SMALL + [f"model.path={model_path}", "generator.replicas=2", "generator.resources.num_cpus=0.5",
-                                    f"run_dir={tmp_path}/run"]))
+    args = parse_args(
+        sets(
+            SMALL
+            + [
+                f"model.path={model_path}",
+                "generator.replicas=2",
+                "generator.resources.num_cpus=0.5",
+                f"run_dir={tmp_path}/run",
+            ]
+        )
+    )
     cfg, run_dir, mpath, tok, stream, eval_rows, _ = prepare(args)
     roles = start_roles(cfg, mpath, str(tmp_path / "run"), resume_after_step=None)
     try:
@@ -102,12 +117,16 @@ def test_generator_replica_killed_mid_step_loses_no_prompt(ray_cluster, model_pa
 
 
 def learner_pid(run_dir: Path) -> int:
-    return next(p["pid"] for p in json.loads((run_dir / "placement.json").read_text()) if p["role"] == "learner")
+    return next(
+        p["pid"] for p in json.loads((run_dir / "placement.json").read_text()) if p["role"] == "learner"
+    )
 
 
 def test_learner_killed_restarts_from_checkpoint(model_path, tmp_path):
     run_dir = tmp_path / "run"
-    proc = start_training(run_dir, [f"model.path={model_path}", "schedule.steps=4", "schedule.checkpoint_every=1"])
+    proc = start_training(
+        run_dir, [f"model.path={model_path}", "schedule.steps=4", "schedule.checkpoint_every=1"]
+    )
     try:
         wait_for_step(run_dir, 2, proc)
         os.kill(learner_pid(run_dir), signal.SIGKILL)
@@ -123,7 +142,9 @@ def test_learner_killed_restarts_from_checkpoint(model_path, tmp_path):
 
 def test_driver_sigkill_then_resume_has_no_gap_or_duplicate(model_path, tmp_path):
     run_dir = tmp_path / "run"
-    proc = start_training(run_dir, [f"model.path={model_path}", "schedule.steps=4", "schedule.checkpoint_every=2"])
+    proc = start_training(
+        run_dir, [f"model.path={model_path}", "schedule.steps=4", "schedule.checkpoint_every=2"]
+    )
     try:
         wait_for_step(run_dir, 3, proc)  # a checkpoint at 2, step 3 logged past it
     finally:
@@ -131,8 +152,13 @@ def test_driver_sigkill_then_resume_has_no_gap_or_duplicate(model_path, tmp_path
         proc.wait()
     # the state a kill mid-checkpoint leaves: a half-written step dir that must be ignored
     (run_dir / "checkpoints" / "step_000004.partial").mkdir(exist_ok=True)
-    resumed = subprocess.run([sys.executable, "-m", "pipeline.train", "--resume", str(run_dir)], cwd=ROOT,
-                             capture_output=True, text=True, timeout=600)
+    resumed = subprocess.run(
+        [sys.executable, "-m", "pipeline.train", "--resume", str(run_dir)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert [r["step"] for r in rows(run_dir)] == [1, 2, 3, 4]
     assert logged_prompt_ids(run_dir) == expected_prompt_ids(run_dir, 4)
@@ -141,7 +167,15 @@ def test_driver_sigkill_then_resume_has_no_gap_or_duplicate(model_path, tmp_path
 
 @pytest.mark.parametrize(
     "case",
-    ["yaml", "unknown_key", "out_of_range", "missing_model", "tokenizer_mismatch", "empty_dataset", "malformed_rows"],
+    [
+        "yaml",
+        "unknown_key",
+        "out_of_range",
+        "missing_model",
+        "tokenizer_mismatch",
+        "empty_dataset",
+        "malformed_rows",
+    ],
 )
 def test_bad_input_exits_nonzero_with_a_clear_message_and_no_actor(case, tmp_path, model_path):
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
@@ -153,23 +187,43 @@ def test_bad_input_exits_nonzero_with_a_clear_message_and_no_actor(case, tmp_pat
     elif case == "unknown_key":
         args, needle = sets(["generator.temprature=0.7"]), "generator.temprature: unknown key"
     elif case == "out_of_range":
-        args, needle = sets(["generator.top_p=1.5"]), "generator.top_p: Input should be less than or equal to 1"
+        args, needle = (
+            sets(["generator.top_p=1.5"]),
+            "generator.top_p: Input should be less than or equal to 1",
+        )
     elif case == "missing_model":
         args, needle = sets([f"model.path={tmp_path}/no-model"]), "no such directory"
     elif case == "tokenizer_mismatch":
         AutoTokenizer.from_pretrained(model_path).save_pretrained(tmp_path / "m")
-        LlamaForCausalLM(LlamaConfig(vocab_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                     num_attention_heads=1, num_key_value_heads=1)).save_pretrained(tmp_path / "m")
+        LlamaForCausalLM(
+            LlamaConfig(
+                vocab_size=8,
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=1,
+                num_attention_heads=1,
+                num_key_value_heads=1,
+            )
+        ).save_pretrained(tmp_path / "m")
         args, needle = sets([f"model.path={tmp_path}/m"]), "tokenizer/model mismatch"
     elif case == "empty_dataset":
         (tmp_path / "d.jsonl").write_text("")
-        args, needle = sets([f"model.path={model_path}", f"data.train_files=[{tmp_path}/d.jsonl]"]), "no usable prompts"
+        args, needle = (
+            sets([f"model.path={model_path}", f"data.train_files=[{tmp_path}/d.jsonl]"]),
+            "no usable prompts",
+        )
     elif case == "malformed_rows":
-        (tmp_path / "d.jsonl").write_text('{"prompt": "1+1=", "ground_truth": "2"}\n{"prompt": 5, "ground_truth": "2"}\n')
+        (tmp_path / "d.jsonl").write_text(
+            '{"prompt": "1+1=", "ground_truth": "2"}\n{"prompt": 5, "ground_truth": "2"}\n'
+        )
         args, needle = sets([f"model.path={model_path}", f"data.train_files=[{tmp_path}/d.jsonl]"]), "row 2"
-    code = ("import sys, ray; from pipeline.train import main; rc = main(sys.argv[1:]); "
-            "sys.exit(rc + (100 if ray.is_initialized() else 0))")
-    res = subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    code = (
+        "import sys, ray; from pipeline.train import main; rc = main(sys.argv[1:]); "
+        "sys.exit(rc + (100 if ray.is_initialized() else 0))"
+    )
+    res = subprocess.run(
+        [sys.executable, "-c", code, *args], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
     assert res.returncode == 2, (res.returncode, res.stderr[-2000:])
     assert needle in res.stderr, res.stderr[-2000:]
 
@@ -181,14 +235,26 @@ def test_nothing_of_a_run_is_left_behind(ray_cluster, model_path, tmp_path):
     from pipeline.roles import RoleStartError
 
     before_pgs = {p.placement_group_id for p in list_placement_groups() if p.state != "REMOVED"}
-    args = parse_args(sets(SMALL + [f"model.path={model_path}", "learner.resources.custom={no_such_node: 1}",
-                                    f"run_dir={tmp_path}/run"]))
+    args = parse_args(
+        sets(
+            SMALL
+            + [
+                f"model.path={model_path}",
+                "learner.resources.custom={no_such_node: 1}",
+                f"run_dir={tmp_path}/run",
+            ]
+        )
+    )
     cfg, _, mpath, *_ = prepare(args)
     with pytest.raises(RoleStartError, match="learner"):
         start_roles(cfg, mpath, str(tmp_path / "run"), resume_after_step=None, timeout_s=10)
     time.sleep(2)
-    alive = [a for a in list_actors() if a.state == "ALIVE" and a.class_name in
-             ("Generator", "Learner", "Metrics", "VerifierWorker", "Reference")]
+    alive = [
+        a
+        for a in list_actors()
+        if a.state == "ALIVE"
+        and a.class_name in ("Generator", "Learner", "Metrics", "VerifierWorker", "Reference")
+    ]
     assert not alive, alive
     pgs = {p.placement_group_id for p in list_placement_groups() if p.state != "REMOVED"}
     assert pgs <= before_pgs
