@@ -65,9 +65,20 @@ def _free_port() -> tuple[str, int]:
     return ray.util.get_node_ip_address(), port
 
 
+def check_cluster_fits(cfg: RunConfig) -> None:
+    """Fail fast, naming the role, when the connected cluster cannot host a role's replicas at all
+    (e.g. a custom resource no node has) — instead of waiting for the start-up timeout."""
+    from pipeline.resource_plan import ClusterSpec, check_satisfiable
+
+    problems = check_satisfiable(cfg, ClusterSpec.from_ray_nodes(ray.nodes()))
+    if problems:
+        raise RoleStartError("the cluster cannot host this run: " + "; ".join(problems))
+
+
 def start_roles(
     cfg: RunConfig, model_path: str, run_dir: str, *, resume_after_step: int | None, timeout_s: float = 600
 ) -> Roles:
+    check_cluster_fits(cfg)
     roles = Roles()
     try:
         _start(roles, cfg, model_path, run_dir, resume_after_step, timeout_s)

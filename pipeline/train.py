@@ -144,7 +144,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             namespace=cfg.ray.namespace,
             include_dashboard=False,
             log_to_driver=args.verbose,
-            runtime_env={"env_vars": {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0")}},
         )
     t0 = time.perf_counter()
     initial_data_state = stream.state_dict()

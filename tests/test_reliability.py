@@ -229,7 +229,9 @@ def test_bad_input_exits_nonzero_with_a_clear_message_and_no_actor(case, tmp_pat
 
 
 def test_nothing_of_a_run_is_left_behind(ray_cluster, model_path, tmp_path):
-    """After a role fails to start, every actor and placement group of the run is gone."""
+    """A role that crashes while starting (here: vLLM rejects an engine argument, after the metrics actor,
+    learner placement group, learners and verifiers exist) -> RoleStartError naming it, and every actor
+    and placement group of the run is gone (Ray's state API)."""
     from ray.util.state import list_actors, list_placement_groups
 
     from pipeline.roles import RoleStartError
@@ -240,21 +242,30 @@ def test_nothing_of_a_run_is_left_behind(ray_cluster, model_path, tmp_path):
             SMALL
             + [
                 f"model.path={model_path}",
-                "learner.resources.custom={no_such_node: 1}",
+                "generator.engine_kwargs={no_such_engine_arg: 1}",
                 f"run_dir={tmp_path}/run",
             ]
         )
     )
     cfg, _, mpath, *_ = prepare(args)
-    with pytest.raises(RoleStartError, match="learner"):
-        start_roles(cfg, mpath, str(tmp_path / "run"), resume_after_step=None, timeout_s=10)
+    with pytest.raises(RoleStartError, match="generator: failed to start"):
+        start_roles(cfg, mpath, str(tmp_path / "run"), resume_after_step=None, timeout_s=120)
     time.sleep(2)
-    alive = [
-        a
-        for a in list_actors()
-        if a.state == "ALIVE"
-        and a.class_name in ("Generator", "Learner", "Metrics", "VerifierWorker", "Reference")
-    ]
+    roles = ("Generator", "Learner", "Metrics", "VerifierWorker", "Reference")
+    alive = [a for a in list_actors() if a.state == "ALIVE" and a.class_name in roles]
     assert not alive, alive
     pgs = {p.placement_group_id for p in list_placement_groups() if p.state != "REMOVED"}
     assert pgs <= before_pgs
+
+
+def test_unsatisfiable_resources_fail_fast_naming_the_role(ray_cluster, model_path, tmp_path):
+    from pipeline.roles import RoleStartError
+
+    args = parse_args(
+        sets(SMALL + [f"model.path={model_path}", "learner.resources.custom={no_such_node: 1}"])
+    )
+    cfg, _, mpath, *_ = prepare(args)
+    t0 = time.time()
+    with pytest.raises(RoleStartError, match="learner"):
+        start_roles(cfg, mpath, str(tmp_path / "run"), resume_after_step=None)
+    assert time.time() - t0 < 30, "must not wait for the start-up timeout"
