@@ -227,6 +227,11 @@ def test_submit_to_a_local_multi_node_cluster(tmp_path):
         placement = {p["role"]: p for p in json.loads((run_dir / "placement.json").read_text())}
         assert placement["generator"]["node_id"] == by_label["gen_node"]
         assert placement["learner"]["node_id"] == by_label["learn_node"]
+        # the metrics actor merged, into each step, records sent by roles on both worker nodes
+        for row in rows:
+            sent_from = {(s["role"], s["node_id"]) for s in row["sources"]}
+            assert ("generator", by_label["gen_node"]) in sent_from
+            assert ("learner", by_label["learn_node"]) in sent_from
         print(f"\n[deploy e2e] cluster start {t_start:.0f}s, job {t_job:.0f}s")
     finally:
         try:  # everything running now: raylets, job drivers, actors
