@@ -152,8 +152,16 @@ def test_custom_verifier_plugin_trains_on_a_jsonl_dataset(tmp_path, ray_cluster)
             {"schedule.mode": "async"},
             lambda r: r["step"] == 1 or r["version_lag"] == 1,
         ),
+        (  # a KL term starts the reference role: frozen initial policy, per-token reference log-probs
+            {"algorithm.kl_coef": 0.05},
+            lambda r: (
+                r["time/reference"] > 0
+                and r["actor/kl_ref"] >= 0
+                and "reference" in {s["role"] for s in r["sources"]}
+            ),
+        ),
     ],
-    ids=["dynamic_sampling", "entropy_control", "async"],
+    ids=["dynamic_sampling", "entropy_control", "async", "kl_reference"],
 )
 def test_recipe_modes_run_end_to_end(overrides, check, tmp_path, ray_cluster):
     assert (
