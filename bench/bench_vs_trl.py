@@ -1,0 +1,135 @@
+"""covrl vs TRL's GRPOTrainer on the same tiny model, task, batch (32 prompts x 8 samples), max new tokens
+(48), number of RL steps, 4 optimizer updates per rollout batch, lr, clip and temperature: samples/s of
+each (ratio; target covrl >= 2x TRL) and held-out pass@1 at T=1 after the same number of steps.
+
+TRL is an optional, benchmark-only dependency, never a runtime one. Install it beside the venv without
+touching covrl's pins, then run:
+    .venv/bin/pip install --target .cache/trl-pkgs --no-deps trl accelerate datasets multiprocess xxhash pandas pytz
+    PYTHONPATH=.cache/trl-pkgs .venv/bin/python bench/bench_vs_trl.py [--steps 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+PROMPTS, GROUP, MAX_NEW, UPDATES, LR = 32, 8, 48, 4, 1e-4
+
+
+def run_covrl(steps: int, out: Path) -> dict[str, float]:
+    from pipeline.train import main as train_main
+
+    sets = [
+        f"schedule.steps={steps}",
+        "schedule.eval_every=0",
+        "schedule.checkpoint_every=0",
+        f"run_dir={out}",
+        "metrics.tensorboard=false",
+        f"schedule.prompts_per_step={PROMPTS}",
+        f"schedule.group_size={GROUP}",
+        f"generator.max_new_tokens={MAX_NEW}",
+        f"learner.mini_batches={UPDATES}",
+        f"learner.lr={LR}",
+    ]
+    t0 = time.perf_counter()
+    assert train_main([x for s in sets for x in ("--set", s)]) == 0
+    wall = time.perf_counter() - t0
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    train_s = sum(r["time/step"] for r in rows)
+    return {
+        "train_s": train_s,
+        "wall_s": wall,
+        "samples_per_s": steps * PROMPTS * GROUP / train_s,
+        "pass@1_before": rows[0]["eval/pass@1"],
+        "pass@1_after": rows[-1]["final/pass@1"],
+    }
+
+
+def run_trl(steps: int, model_path: str, out: Path) -> dict[str, float]:
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import GRPOConfig, GRPOTrainer
+
+    from pipeline.task import make_rows, score_response
+    from pipeline.tiny_model import evaluate_pass_at_1
+    from schemas.data_config import SyntheticTaskConfig
+
+    torch.set_num_threads(2)
+    task = SyntheticTaskConfig()
+    train = make_rows(task, "train")[: steps * PROMPTS]
+    held_out = make_rows(task, "eval")[:256]
+    data = Dataset.from_list([{"prompt": r["prompt"], "ground_truth": r["ground_truth"]} for r in train])
+
+    def reward(completions, ground_truth, **_):
+        return [score_response(c, g)[0] for c, g in zip(completions, ground_truth)]
+
+    tok = AutoTokenizer.from_pretrained(model_path)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    args = GRPOConfig(
+        output_dir=str(out),
+        use_cpu=True,
+        bf16=False,
+        report_to="none",
+        logging_steps=1,
+        save_strategy="no",
+        per_device_train_batch_size=PROMPTS * GROUP // UPDATES,
+        steps_per_generation=UPDATES,
+        num_generations=GROUP,
+        max_completion_length=MAX_NEW,
+        temperature=1.0,
+        learning_rate=LR,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        beta=0.0,
+        epsilon=0.2,
+        loss_type="dapo",
+        max_steps=steps * UPDATES,
+        seed=0,
+        dataloader_num_workers=0,
+        shuffle_dataset=False,
+    )
+    trainer = GRPOTrainer(
+        model=model, reward_funcs=reward, args=args, train_dataset=data, processing_class=tok
+    )
+    t0 = time.perf_counter()
+    trainer.train()
+    train_s = time.perf_counter() - t0
+    model = trainer.model.eval()
+    acc_after = evaluate_pass_at_1(model, tok, held_out, max_new_tokens=MAX_NEW, temperature=1.0)
+    return {"train_s": train_s, "samples_per_s": steps * PROMPTS * GROUP / train_s, "pass@1_after": acc_after}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=10)
+    args = ap.parse_args()
+    from pipeline.tiny_model import ensure_tiny_model
+    from schemas.run_config import RunConfig
+
+    cfg = RunConfig()
+    model_path = str(ensure_tiny_model(cfg.model.tiny, cfg.data.synthetic))
+    out = Path(tempfile.mkdtemp(prefix="covrl-bench-trl-"))
+    covrl = run_covrl(args.steps, out / "covrl")
+    trl = run_trl(args.steps, model_path, out / "trl")
+    print(
+        f"\n{args.steps} RL steps x {PROMPTS} prompts x {GROUP} samples, {UPDATES} updates/step, max {MAX_NEW} new tokens"
+    )
+    print(f"{'':8} {'train s':>8} {'samples/s':>10} {'pass@1 after':>13}")
+    print(f"{'covrl':8} {covrl['train_s']:8.1f} {covrl['samples_per_s']:10.1f} {covrl['pass@1_after']:13.3f}")
+    print(f"{'TRL':8} {trl['train_s']:8.1f} {trl['samples_per_s']:10.1f} {trl['pass@1_after']:13.3f}")
+    ratio = covrl["samples_per_s"] / trl["samples_per_s"]
+    print(
+        f"covrl / TRL samples/s: {ratio:.2f} -> {'PASS' if ratio >= 2.0 else 'FAIL'} (target >= 2.0); "
+        f"pass@1 before RL {covrl['pass@1_before']:.3f}"
+    )
+
+
+if __name__ == "__main__":
+    main()
