@@ -1,4 +1,6 @@
-"""Run configuration: one Pydantic model per role, unknown keys rejected, every field documented.
+"""Config building blocks shared by every section: ``Strict`` (unknown keys rejected, frozen),
+``Resources`` (what one replica asks Ray for) and ``PolicyLossConfig`` (the loss registry's config).
+The whole run config assembles them in ``schemas/run_config.py``.
 
 Why Pydantic and frozen: a config is parsed once at start-up (YAML + ``--set`` overrides), errors name
 the full dotted field path, and nothing downstream can mutate it behind the driver's back.
