@@ -22,6 +22,10 @@ from pipeline.train import main as train_main  # noqa: E402
 STUDY = Path(__file__).resolve().parent.parent / "configs" / "study"
 
 
+def _col(getters, key):
+    return [get(key) for get in getters]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--arms", default=",".join(sorted(p.stem for p in STUDY.glob("*.yaml"))))
@@ -60,12 +64,12 @@ def main() -> None:
 
     for arm, dirs in runs.items():
         rs = [by_run[d.name] for d in dirs]
-        g = lambda k: [r.get(k) for r in rs]  # noqa: E731
-        law = lambda k: [(r.get("law") or {}).get(k) for r in rs]  # noqa: E731
+        g = [r.get for r in rs]
+        law = [(r.get("law") or {}).get for r in rs]
         lines.append(
-            f"| {arm} | {len(rs)} | {ms(g('entropy_start'))} → {ms(g('entropy_end'))} | "
-            f"{ms(g('accuracy_start'))} → {ms(g('accuracy_end'))} | {ms(law('a'))} | {ms(law('b'))} | {ms(law('r2'))} | "
-            f"{ms(law('ceiling'))} | {ms(g('entropy_change_corr'))} | {ms(g('cov_frac_positive_steps'))} |"
+            f"| {arm} | {len(rs)} | {ms(_col(g, 'entropy_start'))} → {ms(_col(g, 'entropy_end'))} | "
+            f"{ms(_col(g, 'accuracy_start'))} → {ms(_col(g, 'accuracy_end'))} | {ms(_col(law, 'a'))} | {ms(_col(law, 'b'))} | {ms(_col(law, 'r2'))} | "
+            f"{ms(_col(law, 'ceiling'))} | {ms(_col(g, 'entropy_change_corr'))} | {ms(_col(g, 'cov_frac_positive_steps'))} |"
         )
     (out / "study.md").write_text("\n".join(lines) + "\n")
     (out / "study.json").write_text(json.dumps(report, indent=1, default=str))
