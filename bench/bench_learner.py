@@ -18,10 +18,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import numpy as np  # noqa: E402
 
 from bench._models import build_random_model  # noqa: E402
-from schemas.batches import Ragged, TrainBatch  # noqa: E402
+from pipeline.batching import synthetic_train_batch  # noqa: E402
+from schemas.batches import TrainBatch  # noqa: E402
 from schemas.config import PolicyLossConfig  # noqa: E402
 from schemas.run_config import AlgorithmConfig, LearnerConfig  # noqa: E402
 
@@ -35,22 +35,14 @@ VARIANTS = {
 
 
 def make_batch(rows: int, seed: int = 0) -> TrainBatch:
-    rng = np.random.default_rng(seed)
-    seqs, plen = [], []
-    for _ in range(rows):
-        p = [1, *rng.integers(4, 18, size=8).tolist()]
-        seqs.append(p + rng.integers(4, 18, size=int(rng.integers(20, 40))).tolist())
-        plen.append(len(p))
-    sq = Ragged.from_lists(seqs)
-    rt = int(sq.values.shape[0] - sum(plen))
-    return TrainBatch(
-        step=1,
-        policy_version=0,
-        sequences=sq,
-        prompt_lengths=np.array(plen, np.int32),
-        advantages=rng.normal(size=rows).astype(np.float32),
-        sampler_logprobs=np.full(rt, -2.8, np.float32),
-        group_ids=np.repeat(np.arange(rows // 8), 8).astype(np.int64),
+    return synthetic_train_batch(
+        rows,
+        seed=seed,
+        prompt_len=(9, 10),
+        response_len=(20, 40),
+        vocab=(4, 18),
+        group_size=8,
+        sampler_logprob=-2.8,
     )
 
 

@@ -11,9 +11,9 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from pipeline.batching import synthetic_train_batch
 from pipeline.model_forward import make_micro_batch, response_logprobs
 from pipeline.ppo_update import ppo_update
-from schemas.batches import Ragged, TrainBatch
 from schemas.config import PolicyLossConfig
 from schemas.run_config import AlgorithmConfig, LearnerConfig
 
@@ -34,24 +34,7 @@ def tiny_model(seed=0):
 
 
 def random_batch(n=24, seed=0):
-    rng = np.random.default_rng(seed)
-    seqs, plen = [], []
-    for _ in range(n):
-        p = int(rng.integers(2, 6))
-        r = int(rng.integers(1, 9))
-        seqs.append(rng.integers(3, 24, size=p + r).tolist())
-        plen.append(p)
-    sq = Ragged.from_lists(seqs)
-    rt = int(sq.values.shape[0] - sum(plen))
-    return TrainBatch(
-        step=1,
-        policy_version=0,
-        sequences=sq,
-        prompt_lengths=np.array(plen, np.int32),
-        advantages=rng.normal(size=n).astype(np.float32),
-        sampler_logprobs=np.full(rt, -3.0, np.float32),
-        group_ids=np.repeat(np.arange(n // 4), 4),
-    )
+    return synthetic_train_batch(n, seed=seed)
 
 
 class SGDTrainable:

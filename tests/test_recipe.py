@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.batching import synthetic_train_batch
 from pipeline.losses import aggregate_loss, get_policy_loss
 from pipeline.ppo_update import ppo_update
 from pipeline.recipe import (
@@ -28,7 +29,6 @@ from schemas.batches import (
     Ragged,
     RolloutBatch,
     ScoredBatch,
-    TrainBatch,
 )
 from schemas.config import PolicyLossConfig
 from schemas.run_config import AlgorithmConfig, ISCorrectionConfig, LearnerConfig, RunConfig
@@ -271,23 +271,8 @@ def test_token_weights_scale_each_tokens_gradient():
 
 
 def small_batch(n=8, seed=0, loss_mask=None):
-    rng = np.random.default_rng(seed)
-    seqs, plen = [], []
-    for _ in range(n):
-        p, r = int(rng.integers(2, 4)), int(rng.integers(2, 6))
-        seqs.append(rng.integers(3, 24, size=p + r).tolist())
-        plen.append(p)
-    sq = Ragged.from_lists(seqs)
-    rt = int(sq.values.shape[0] - sum(plen))
-    return TrainBatch(
-        step=1,
-        policy_version=0,
-        sequences=sq,
-        prompt_lengths=np.array(plen, np.int32),
-        advantages=rng.normal(size=n).astype(np.float32) * 3,
-        sampler_logprobs=np.full(rt, -3.0, np.float32),
-        group_ids=np.repeat(np.arange(n // 2), 2),
-        loss_mask=loss_mask,
+    return synthetic_train_batch(
+        n, seed=seed, prompt_len=(2, 4), response_len=(2, 6), group_size=2, adv_scale=3.0, loss_mask=loss_mask
     )
 
 
