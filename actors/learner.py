@@ -17,7 +17,7 @@ from actors._runtime import MetricsClient, pin_threads, where
 from schemas.batches import LearnerStats, TrainBatch
 
 if TYPE_CHECKING:
-    from schemas.run_config import AlgorithmConfig, LearnerConfig
+    from schemas.run_config import AlgorithmConfig, LearnerConfig, WeightSyncConfig
 
 
 def deepspeed_config(cfg: LearnerConfig) -> dict[str, Any]:
@@ -192,6 +192,51 @@ class Learner:
                 named = _to_numpy(module) if self.rank == 0 else None
             return named
         return _to_numpy(module) if self.rank == 0 else None
+
+    def init_weight_transfer(
+        self, generators: list[Any], rank_offsets: list[int], world_size: int, sync: WeightSyncConfig
+    ) -> None:
+        """Join (every rank) the collective weight-transfer group with the generator replicas; rank 0
+        hosts the rendezvous and drives the replicas (``weight_sync.method: collective``)."""
+        from vllm.distributed.weight_transfer import WeightTransferTrainerFactory
+
+        from actors.weight_transfer import (
+            GeneratorClient,
+            LearnerWeightSource,
+            register_gloo_backend,
+            resolve_backend,
+            resolve_wire_dtype,
+            trainer_init_info,
+        )
+
+        register_gloo_backend()
+        self.shutdown_weight_transfer()
+        source = LearnerWeightSource(
+            self.engine.module, zero3=self.cfg.zero_stage == 3, wire_dtype=resolve_wire_dtype(sync.wire_dtype)
+        )
+        info = trainer_init_info(
+            resolve_backend(sync.backend),
+            rank=self.rank,
+            world_size=world_size,
+            bucket_bytes=int(sync.bucket_mb * (1 << 20)),
+            timeout_s=sync.timeout_s,
+        )
+        client = GeneratorClient(generators, rank_offsets)
+        self._transfer = WeightTransferTrainerFactory.trainer_init(info, client=client, source=source)
+
+    def send_weights(self, version: int) -> float:
+        """Broadcast the current weights to every replica of the group (all ranks call it)."""
+        if getattr(self, "_transfer", None) is None:
+            raise RuntimeError("send_weights before init_weight_transfer")
+        t0 = time.perf_counter()
+        self._transfer.client.version = version
+        self._transfer.send_weights()
+        return time.perf_counter() - t0
+
+    def shutdown_weight_transfer(self) -> None:
+        transfer, self._transfer = getattr(self, "_transfer", None), None
+        if transfer is not None:
+            transfer.shutdown()
 
     def save_checkpoint(self, save_dir: str, tag: str) -> None:
         self.engine.save_checkpoint(save_dir, tag=tag, client_state={"policy_version": self.version})

@@ -125,6 +125,7 @@ class Trainer:
         self._data_state: dict[str, Any] = data.stream.state_dict()
         self.controller = make_controller(cfg)
         self.bad_steps = 0
+        self._transfer_members: list[int] | None = None  # replicas in the collective weight-sync group
 
     # ------------------------------------------------------------------ roles, one call each
     def launch(self, prompts: PromptBatch, n: int, **kw: Any) -> Launched:
@@ -168,6 +169,8 @@ class Trainer:
         return adv.numpy().astype(np.float32)
 
     def sync_weights(self) -> float:
+        if self.cfg.weight_sync.method == "collective":
+            return self._sync_weights_collective()
         t0 = time.perf_counter()
         learners = self.roles.learners
         if self.cfg.learner.zero_stage == 3:
@@ -180,12 +183,47 @@ class Trainer:
             ray.get([g.load_weights.remote(weights, self.version) for g in gens])
         except ray.exceptions.RayActorError:
             # A replica died while loading: it is left out of the pool and revived (with weights) later.
-            for i in self.pool.live():
-                try:
-                    ray.get(self.roles.generators[i].info.remote(), timeout=5)
-                except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
-                    self.pool.dead.add(i)
+            self._mark_dead_generators()
         return time.perf_counter() - t0
+
+    def _sync_weights_collective(self) -> float:
+        """vLLM weight transfer from learner rank 0 into every live replica (actors.weight_transfer).
+        A dead or restarted replica cannot rejoin a running collective, so the group is rebuilt whenever
+        the set of live replicas changes, and once after a failed broadcast (then the send is retried)."""
+        t0 = time.perf_counter()
+        for attempt in (1, 2):
+            live = self.pool.live()
+            if self._transfer_members != live:
+                self._build_transfer_group(live)
+            try:
+                ray.get([lr.send_weights.remote(self.version) for lr in self.roles.learners])
+                break
+            except ray.exceptions.RayError:
+                self._transfer_members = None
+                self._mark_dead_generators()
+                if attempt == 2:
+                    raise
+        return time.perf_counter() - t0
+
+    def _build_transfer_group(self, live: list[int]) -> None:
+        tp = self.cfg.generator.tensor_parallel_size
+        gens = [self.roles.generators[i] for i in live]
+        offsets = [1 + k * tp for k in range(len(live))]
+        world = 1 + len(live) * tp
+        ray.get(
+            [
+                lr.init_weight_transfer.remote(gens, offsets, world, self.cfg.weight_sync)
+                for lr in self.roles.learners
+            ]
+        )
+        self._transfer_members = live
+
+    def _mark_dead_generators(self) -> None:
+        for i in self.pool.live():
+            try:
+                ray.get(self.roles.generators[i].info.remote(), timeout=5)
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                self.pool.dead.add(i)
 
     # ------------------------------------------------------------------ the step
     def collect(self, step: int) -> tuple[ScoredBatch, dict[str, float], list[int], dict[str, float]]:
@@ -279,6 +317,7 @@ class Trainer:
         )
         if self.pool.dead and self.pool.revive(timeout_s=5.0):
             print("  generator replica restarted: pushing current weights to it", flush=True)
+            self._transfer_members = None  # a restarted process is not in the old collective group
         sync_s = self.sync_weights()
         metrics = self._step_metrics(scored, stats[0].metrics, gen_stats, ref_time, sync_s) | recipe_metrics
         if self.controller is not None:

@@ -171,7 +171,14 @@ def _start(
     roles.generators = [
         ray.remote(Generator)
         .options(**actor_options(cfg.generator.resources, max_restarts=cfg.generator.max_restarts))
-        .remote(cfg.generator, model_path, replica=i, seed=seed, metrics_actor=metrics_name)
+        .remote(
+            cfg.generator,
+            model_path,
+            replica=i,
+            seed=seed,
+            metrics_actor=metrics_name,
+            weight_sync=cfg.weight_sync,
+        )
         for i in range(cfg.generator.replicas)
     ]
     roles.verifiers = [

@@ -198,6 +198,32 @@ class RayConfig(Strict):
     namespace: str = "covrl"
 
 
+class WeightSyncConfig(Strict):
+    """How new policy weights reach the generators after each update (docs/architecture.md)."""
+
+    method: Literal["object_store", "collective"] = Field(
+        "object_store",
+        description="'object_store': learner rank 0 puts one fp32 state dict into Ray's object store and every "
+        "replica reloads it (simple, any topology, restarts trivially). 'collective': vLLM's weight-transfer "
+        "API broadcasts the weights from learner rank 0 into every generator worker over a process group "
+        "(NCCL on GPUs, gloo on CPU), bucketed, without the object store; use it at scale.",
+    )
+    backend: Literal["auto", "nccl", "gloo"] = Field(
+        "auto", description="Collective transport: auto = nccl when the learner has a GPU, else gloo."
+    )
+    wire_dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="dtype on the wire: auto = bfloat16 on GPUs (what vLLM serves), float32 on CPU."
+    )
+    bucket_mb: float = Field(
+        256.0, gt=0, description="Collective: parameters are packed into flat buckets of about this size."
+    )
+    timeout_s: float = Field(
+        600.0,
+        gt=0,
+        description="Collective: a rendezvous or broadcast that takes longer fails (and is rebuilt).",
+    )
+
+
 class RunConfig(Strict):
     name: str = Field("default", pattern=r"^[A-Za-z0-9._-]+$")
     run_dir: str = Field("runs/{name}", description="Output directory; '{name}' is replaced by the run name.")
@@ -210,6 +236,7 @@ class RunConfig(Strict):
     learner: LearnerConfig = LearnerConfig()
     metrics: MetricsConfig = MetricsConfig()
     schedule: ScheduleConfig = ScheduleConfig()
+    weight_sync: WeightSyncConfig = WeightSyncConfig()
     ray: RayConfig = RayConfig()
 
     @model_validator(mode="after")

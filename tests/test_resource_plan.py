@@ -61,6 +61,8 @@ def test_presets_carry_the_paper_settings(path):
     assert (cfg.generator.max_new_tokens, cfg.data.max_prompt_tokens, lr.lr) == (8192, 2048, 1e-6)
     assert cfg.generator.tensor_parallel_size == 2 and cfg.generator.resources.num_gpus == 2
     assert lr.zero_stage == 3 and cfg.algorithm.dynamic_sampling.enabled
+    ws = cfg.weight_sync  # weights go by NCCL broadcast, not ~15-64 GB through the object store per step
+    assert (ws.method, ws.backend, ws.wire_dtype) == ("collective", "nccl", "bfloat16")
     assert cfg.warnings() == []
     big = "32b" in path.name
     if loss.name == "ppo":
