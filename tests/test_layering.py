@@ -16,6 +16,7 @@ PURE = [
     "pipeline.entropy_dynamics",
     "pipeline.law",
     "pipeline.recipe",
+    "pipeline.study",
     *(f"schemas.{m.name}" for m in pkgutil.iter_modules(schemas.__path__)),
 ]
 HEAVY = ("ray", "vllm", "deepspeed")
