@@ -4,7 +4,11 @@ vs `clip_cov` vs `kl_cov`, on one real DeepSpeed engine, side by side (losses in
 Target (issue 8): clip_cov / kl_cov cost <= 1.05x ppo. covrl selects tokens over the whole mini-batch;
 with `learner.selection_logprobs=current` (paper-faithful) that needs one no-grad forward per mini-batch
 after the first, with `step_start` it is free. Both are measured.
-    .venv/bin/python bench/bench_learner.py [--repeats 5] [--rows 256]
+
+Second table: dynamic batching (`learner.micro_batch_tokens`: rows sorted by length, cut by a padded-token
+budget) vs fixed micro-batches of `micro_batch_size` rows, on a batch whose response lengths vary widely
+(10-400 tokens, long-tailed as reasoning traces are), same peak micro-batch size in tokens.
+    .venv/bin/python bench/bench_learner.py [--repeats 5] [--rows 256] [--skip-losses]
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--rows", type=int, default=256)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--skip-losses", action="store_true", help="only the dynamic-batching table")
     args = ap.parse_args()
     from actors.learner import Learner
 
@@ -63,6 +68,63 @@ def main() -> None:
         str(model),
         master_port=29631,
     )
+    if not args.skip_losses:
+        compare_losses(learner, batch, tokens, args)
+    compare_batching(learner, args)
+
+
+def variable_length_batch(rows: int, seed: int = 0) -> TrainBatch:
+    """Long-tailed response lengths (10-400 tokens, median ~50), like reasoning traces."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    lengths = np.clip(rng.lognormal(mean=np.log(50), sigma=0.8, size=rows), 10, 400).astype(int)
+    batch = synthetic_train_batch(
+        rows, seed=seed, prompt_len=(9, 10), response_len=(1, 2), vocab=(4, 18), group_size=8
+    )
+    seqs = [
+        batch.sequences.row(i)[:9].tolist() + rng.integers(4, 18, size=n).tolist()
+        for i, n in enumerate(lengths)
+    ]
+    from schemas.batches import Ragged
+
+    return batch.model_copy(
+        update={
+            "sequences": Ragged.from_lists(seqs),
+            "sampler_logprobs": np.full(int(lengths.sum()), -2.8, np.float32),
+        }
+    )
+
+
+def compare_batching(learner, args) -> None:
+    batch = variable_length_batch(args.rows)
+    lengths = batch.sequences.lengths
+    tokens = int(batch.response_lengths.sum())
+    budget = 16 * int(lengths.max())  # what 16 fixed rows may need at worst: same peak memory
+    learner.algo = AlgorithmConfig()
+    variants = {"fixed 16 rows": {"micro_batch_size": 16, "micro_batch_tokens": None}}
+    variants[f"dynamic, budget {budget} tokens"] = {"micro_batch_size": 16, "micro_batch_tokens": budget}
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    for rep in range(args.repeats + 1):
+        for name, upd in variants.items():
+            learner.cfg = learner.cfg.model_copy(update=upd | {"selection_logprobs": "step_start"})
+            t0 = time.perf_counter()
+            learner.train_step(batch, step=100 + rep)
+            if rep:
+                times[name].append(time.perf_counter() - t0)
+    print(f"\n{args.rows} sequences of 10-400 response tokens ({tokens} tokens), ppo, 4 mini-batch updates")
+    print(
+        f"{'micro-batching':30} {'min s':>7} {'median s':>9} {'tok/s (min)':>12} {'speed-up vs fixed (min/median)':>31}"
+    )
+    base = list(times.values())[0]
+    for name, ts in times.items():
+        print(
+            f"{name:30} {min(ts):7.3f} {statistics.median(ts):9.3f} {tokens / min(ts):12.0f} "
+            f"{min(base) / min(ts):15.2f} / {statistics.median(base) / statistics.median(ts):.2f}"
+        )
+
+
+def compare_losses(learner, batch, tokens, args) -> None:
     times: dict[str, list[float]] = {k: [] for k in VARIANTS}
     for rep in range(args.repeats + 1):
         for name, (loss, scope) in VARIANTS.items():

@@ -106,8 +106,29 @@ def response_logprobs(
     return out_lp, out_ent
 
 
-def micro_batches(rows: np.ndarray, size: int) -> list[np.ndarray]:
-    return [rows[i : i + size] for i in range(0, rows.shape[0], size)]
+def micro_batches(
+    rows: np.ndarray, size: int, *, lengths: np.ndarray | None = None, token_budget: int | None = None
+) -> list[np.ndarray]:
+    """Rows cut into forward/backward micro-batches.
+
+    Fixed (``token_budget`` None): ``size`` rows at a time, in order. Dynamic batching: rows sorted by
+    sequence length (``lengths``, indexed by row id), longest first, and cut greedily so that rows x
+    longest row <= ``token_budget`` padded tokens (a row longer than the budget goes alone). Sorting puts
+    similar lengths together, so little compute goes to padding; the losses are normalised by global
+    counts, so the update does not depend on how rows are cut (tests/test_ppo_update.py)."""
+    if token_budget is None:
+        return [rows[i : i + size] for i in range(0, rows.shape[0], size)]
+    if lengths is None:
+        raise ValueError("dynamic micro-batching needs the sequence lengths")
+    order = rows[np.argsort(-lengths[rows], kind="stable")]
+    parts: list[np.ndarray] = []
+    start = 0
+    for i in range(1, order.shape[0] + 1):
+        # sorted longest first: the first row of a part is its longest
+        if i == order.shape[0] or (i - start + 1) * int(lengths[order[start]]) > token_budget:
+            parts.append(order[start:i])
+            start = i
+    return parts
 
 
 @torch.no_grad()
@@ -120,6 +141,7 @@ def batch_logprobs(
     temperature: float,
     with_entropy: bool = True,
     full_logits: bool = False,
+    token_budget: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """No-grad log-probs (and entropies) of ``rows`` as flat float32 arrays over the whole batch layout.
 
@@ -128,7 +150,10 @@ def batch_logprobs(
     total = int(batch.response_lengths.sum())
     logp = np.zeros(total, dtype=np.float32)
     ent = np.zeros(total, dtype=np.float32) if with_entropy else None
-    for part in micro_batches(np.asarray(rows, dtype=np.int64), micro_batch_size):
+    rows = np.asarray(rows, dtype=np.int64)
+    for part in micro_batches(
+        rows, micro_batch_size, lengths=batch.sequences.lengths, token_budget=token_budget
+    ):
         mb = make_micro_batch(batch, part)
         lp, en = response_logprobs(
             model, mb, temperature=temperature, with_entropy=with_entropy, full_logits=full_logits

@@ -118,7 +118,12 @@ def ppo_update(
     n = len(batch)
     r_len = batch.response_lengths
     adv_flat = np.repeat(batch.advantages, r_len).astype(np.float32)
-    fwd = dict(micro_batch_size=learner.micro_batch_size, temperature=temperature, full_logits=full_logits)
+    fwd = dict(
+        micro_batch_size=learner.micro_batch_size,
+        temperature=temperature,
+        full_logits=full_logits,
+        token_budget=learner.micro_batch_tokens,
+    )
 
     # Old log-probs (and entropy before the update) of the policy that starts this step, gathered.
     static_rows = shard(np.arange(n), rank, world_size)
@@ -145,6 +150,7 @@ def ppo_update(
     gen = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng(seed)
     acc, updates, bad, skipped = _Accumulator(), 0, 0, 0
+    loss_sum = 0.0  # micro-batch losses are parts of their mini-batch's loss (global normaliser): summed
     grad_norms: list[float] = []
     model.train()
     for epoch in range(learner.epochs):
@@ -174,7 +180,13 @@ def ppo_update(
             kept = mini[row_kept[mini]]
             norm = float(r_len[kept].sum()) if loss_cfg.loss_agg_mode == "token-mean" else float(len(kept))
             norm = max(norm, 1.0)  # a fully masked mini-batch: every term is 0
-            for part in micro_batches(my_rows, learner.micro_batch_size):
+            parts = micro_batches(
+                my_rows,
+                learner.micro_batch_size,
+                lengths=batch.sequences.lengths,
+                token_budget=learner.micro_batch_tokens,
+            )
+            for part in parts:
                 loss, stats, tokens = _micro_batch_loss(
                     model,
                     batch,
@@ -194,6 +206,7 @@ def ppo_update(
                 # accumulated gradients cleared, on every rank alike.
                 if torch.isfinite(loss):
                     acc.add(stats, tokens)
+                    loss_sum += float(loss.detach())
                 else:
                     bad += 1
                 trainable.backward(loss * world_size)
@@ -204,6 +217,8 @@ def ppo_update(
             elif grad_norm is not None:
                 grad_norms.append(float(grad_norm))
     metrics |= acc.global_means(all_gather, "actor/")
+    # mean over updates of the mini-batch loss (every rank's parts summed), independent of the split
+    metrics["actor/loss"] = float(sum(all_gather(loss_sum))) / max(updates, 1)
     metrics["actor/updates"] = float(updates)
     metrics["actor/skipped_updates"] = float(skipped)
     metrics["actor/nonfinite_micro_batches"] = float(sum(all_gather(bad)))
@@ -375,5 +390,4 @@ def _micro_batch_loss(
         loss = loss + algo.kl_coef * kl_loss
         stats["kl_ref"] = (kl.detach() * mask).sum() / mask.sum().clamp(min=1)
     stats = {k: v for k, v in stats.items() if not k.startswith("cov/") or k == "cov/selected_frac"}
-    stats["loss"] = loss.detach()
     return loss, stats, float(mask.sum())

@@ -130,6 +130,13 @@ class LearnerConfig(Strict):
     micro_batch_size: int = Field(
         64, ge=1, description="Sequences per forward/backward (gradient accumulation)."
     )
+    micro_batch_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="Dynamic batching: when set, each rank's rows are sorted by length and cut into micro-batches "
+        "of at most this many padded tokens (rows x longest row) instead of micro_batch_size rows, so "
+        "variable-length responses waste little compute on padding. The update is the same either way.",
+    )
     selection_scope: Literal["mini_batch", "micro_batch"] = Field(
         "mini_batch",
         description="Where Clip-Cov/KL-Cov pick tokens: over the whole optimizer mini-batch across micro-batches "

@@ -12,7 +12,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from pipeline.batching import synthetic_train_batch
-from pipeline.model_forward import make_micro_batch, response_logprobs
+from pipeline.model_forward import make_micro_batch, micro_batches, response_logprobs
 from pipeline.ppo_update import ppo_update
 from schemas.config import PolicyLossConfig
 from schemas.run_config import AlgorithmConfig, LearnerConfig
@@ -66,13 +66,15 @@ def test_response_logprobs_match_naive_forward():
         assert (lp[i, len(resp) :] == 0).all()
 
 
-def run_update(model, batch, loss_name, micro, mini=3, selection="step_start"):
+def run_update(model, batch, loss_name, micro, mini=3, selection="step_start", tokens=None):
     algo = AlgorithmConfig(
         policy_loss=PolicyLossConfig(
             name=loss_name, clip_cov_lb=-10.0, clip_cov_ub=10.0, clip_cov_ratio=0.2, kl_cov_ratio=0.2
         )
     )
-    learner = LearnerConfig(micro_batch_size=micro, mini_batches=mini, selection_logprobs=selection)
+    learner = LearnerConfig(
+        micro_batch_size=micro, mini_batches=mini, selection_logprobs=selection, micro_batch_tokens=tokens
+    )
     return ppo_update(SGDTrainable(model), batch, algo=algo, learner=learner, temperature=1.0, seed=7).metrics
 
 
@@ -85,11 +87,43 @@ def test_micro_batch_size_does_not_change_the_update(loss_name, selection):
     mb = run_update(b, batch, loss_name, micro=64, selection=selection)
     for pa, pb in zip(a.parameters(), b.parameters()):
         torch.testing.assert_close(pa, pb, atol=2e-5, rtol=1e-4)
+    assert ma["actor/loss"] == pytest.approx(mb["actor/loss"], rel=1e-4, abs=1e-6)
     moved = sum((pa - pb0).abs().sum() for pa, pb0 in zip(a.parameters(), tiny_model().parameters()))
     assert moved > 1e-3, "the update must actually change the weights"
     if loss_name != "ppo":
         assert ma["actor/cov/selected_frac"] == pytest.approx(mb["actor/cov/selected_frac"], rel=1e-5)
         assert ma["actor/cov/selected_frac"] > 0
+
+
+def test_micro_batches_fixed_and_by_token_budget():
+    rows = np.array([4, 0, 2, 1, 3])
+    lengths = np.array([5, 9, 3, 12, 7])  # by row id
+    assert [p.tolist() for p in micro_batches(rows, 2)] == [[4, 0], [2, 1], [3]]
+    parts = micro_batches(rows, 2, lengths=lengths, token_budget=20)
+    # longest first: row 3 (12) alone since 2 x 12 > 20; rows 1, 4 (9, 7) -> 2 x 9; rows 0, 2 (5, 3) -> 2 x 5
+    assert [p.tolist() for p in parts] == [[3], [1, 4], [0, 2]]
+    assert sorted(np.concatenate(parts).tolist()) == sorted(rows.tolist())
+    assert all(len(p) * lengths[p].max() <= 20 or len(p) == 1 for p in parts)
+    assert [p.tolist() for p in micro_batches(rows, 2, lengths=lengths, token_budget=5)] == [
+        [3],
+        [1],
+        [4],
+        [0],
+        [2],
+    ]
+    with pytest.raises(ValueError, match="lengths"):
+        micro_batches(rows, 2, token_budget=10)
+
+
+@pytest.mark.parametrize("loss_name", ["ppo", "clip_cov", "kl_cov"])
+def test_dynamic_micro_batching_does_not_change_the_update(loss_name):
+    batch = synthetic_train_batch(24, seed=3, response_len=(1, 30))  # widely varying lengths
+    a, b = tiny_model(), tiny_model()
+    ma = run_update(a, batch, loss_name, micro=4)
+    mb = run_update(b, batch, loss_name, micro=4, tokens=60)
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(pa, pb, atol=2e-5, rtol=1e-4)
+    assert ma["actor/loss"] == pytest.approx(mb["actor/loss"], rel=1e-4, abs=1e-6)
 
 
 class ThreadRanks:
