@@ -24,7 +24,7 @@ import datetime
 import socket
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -109,26 +109,26 @@ def free_port() -> int:
 
 
 @dataclass
-class GlooWeightTransferInitInfo(WeightTransferInitInfo):
-    """Worker side: where the trainer's store is, this replica's first rank, and the wire params."""
+class _GlooRendezvous:
+    """Where rank 0's store listens, the group size, and the wire params both ends must share."""
 
     master_address: str
     master_port: int
-    rank_offset: int
     world_size: int
     bucket_bytes: int = 256 << 20
     timeout_s: float = 600.0
 
 
 @dataclass
-class GlooTrainerInitInfo(TrainerInitInfo):
-    backend: ClassVar[str] = GLOO
+class GlooWeightTransferInitInfo(_GlooRendezvous, WeightTransferInitInfo):
+    """Worker side: the rendezvous plus this replica's first rank in the group."""
 
-    master_address: str
-    master_port: int
-    world_size: int
-    bucket_bytes: int = 256 << 20
-    timeout_s: float = 600.0
+    rank_offset: int = field(default=1, kw_only=True)
+
+
+@dataclass
+class GlooTrainerInitInfo(_GlooRendezvous, TrainerInitInfo):
+    backend: ClassVar[str] = GLOO
 
 
 @dataclass

@@ -115,6 +115,20 @@ def _worker():
     return GlooWeightTransferEngine(None, vllm_config, torch.device("cpu"), _RecordingModel())
 
 
+def _trainer(workers, source, timeout_s):
+    """A gloo trainer engine (rank 0, 1 KiB buckets) wired to ``workers`` through an in-process client."""
+    info = GlooTrainerInitInfo(
+        master_address="127.0.0.1",
+        master_port=free_port(),
+        world_size=1 + len(workers),
+        bucket_bytes=1024,
+        timeout_s=timeout_s,
+        rank=0,
+    )
+    client = _InProcessClient(workers)
+    return client, GlooTrainerWeightTransferEngine.trainer_init(info, client=client, source=source)
+
+
 def test_gloo_engines_deliver_every_tensor_exactly_to_every_replica():
     gen = torch.Generator().manual_seed(0)
     named = [
@@ -125,16 +139,7 @@ def test_gloo_engines_deliver_every_tensor_exactly_to_every_replica():
         ("bias", torch.randn(3, generator=gen)),
     ]
     workers = [_worker(), _worker()]
-    info = GlooTrainerInitInfo(
-        master_address="127.0.0.1",
-        master_port=free_port(),
-        world_size=3,
-        bucket_bytes=1024,
-        timeout_s=60,
-        rank=0,
-    )
-    client = _InProcessClient(workers)
-    trainer = GlooTrainerWeightTransferEngine.trainer_init(info, client=client, source=_Source(named))
+    client, trainer = _trainer(workers, _Source(named), timeout_s=60)
     for round_ in range(2):  # the group is reused across updates
         if round_:
             named[1] = ("norm.weight", named[1][1] + 1)
@@ -153,19 +158,7 @@ def test_trainer_rejects_a_source_that_disagrees_with_its_metadata():
         def metadata(self):
             return [ParamMeta("a", torch.float32, (4,))]
 
-    workers = [_worker()]
-    info = GlooTrainerInitInfo(
-        master_address="127.0.0.1",
-        master_port=free_port(),
-        world_size=2,
-        bucket_bytes=1024,
-        timeout_s=10,
-        rank=0,
-    )
-    client = _InProcessClient(workers)
-    trainer = GlooTrainerWeightTransferEngine.trainer_init(
-        info, client=client, source=Liar([("b", torch.zeros(4))])
-    )
+    _, trainer = _trainer([_worker()], Liar([("b", torch.zeros(4))]), timeout_s=10)
     with pytest.raises(ValueError, match="disagrees with its metadata"):
         trainer.send_weights()
     trainer.shutdown()  # drops the group: the waiting receiver fails fast instead of hanging to the timeout
