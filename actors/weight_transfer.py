@@ -95,8 +95,21 @@ def gloo_group(address: str, port: int, rank: int, world_size: int, timeout_s: f
     from torch.distributed import PrefixStore, TCPStore
 
     timeout = datetime.timedelta(seconds=timeout_s)
-    store = TCPStore(address, port, world_size, is_master=rank == 0, timeout=timeout, wait_for_workers=False)
+    # The rendezvous waits twice as long as a collective: after a failed round a surviving peer may still
+    # sit in its receive until that times out, and must then still find the new group open.
+    store = TCPStore(
+        address, port, world_size, is_master=rank == 0, timeout=2 * timeout, wait_for_workers=False
+    )
     return ProcessGroupGloo(PrefixStore("covrl-weights", store), rank, world_size, timeout)
+
+
+def release_group(group) -> None:
+    """Destroy a gloo group now: its sockets close, so peers blocked in a collective fail at once (a mere
+    ``shutdown()``/``abort()`` leaves them waiting for the timeout; measured)."""
+    import gc
+
+    del group
+    gc.collect()
 
 
 def free_port() -> int:
@@ -187,7 +200,8 @@ class GlooWeightTransferEngine(
             self.model.load_weights([(names[i], p.view(shapes[i])) for i, p in zip(bucket, parts)])
 
     def shutdown(self) -> None:
-        self.group = None
+        group, self.group = self.group, None
+        release_group(group)
 
 
 class GlooTrainerWeightTransferEngine(TrainerWeightTransferEngine[GlooTrainerInitInfo]):
@@ -219,12 +233,22 @@ class GlooTrainerWeightTransferEngine(TrainerWeightTransferEngine[GlooTrainerIni
             timeout_s=init_info.timeout_s,
         )
         # Workers block in the rendezvous inside init_weight_transfer_engine: run it beside ours.
-        with ThreadPoolExecutor(max_workers=1) as exe:
-            future = exe.submit(client.init_weight_transfer_engine, asdict(worker))
+        exe = ThreadPoolExecutor(max_workers=1)
+        future = exe.submit(client.init_weight_transfer_engine, asdict(worker))
+        try:
             engine.group = gloo_group(
                 init_info.master_address, init_info.master_port, 0, init_info.world_size, init_info.timeout_s
             )
-            future.result()
+        except Exception as e:
+            # A worker that failed to join is the cause worth reporting, not the rendezvous timeout.
+            if future.done() and future.exception() is not None:
+                raise RuntimeError(
+                    f"a generator failed to join the weight-transfer group: {future.exception()}"
+                ) from e
+            raise
+        finally:
+            exe.shutdown(wait=False)
+        future.result()
         return engine
 
     def send_weights(self) -> None:
@@ -238,15 +262,20 @@ class GlooTrainerWeightTransferEngine(TrainerWeightTransferEngine[GlooTrainerIni
             dtype_names=[str(m.dtype).removeprefix("torch.") for m in meta],
             shapes=[list(m.shape) for m in meta],
         )
-        self.client.start_weight_update()
         exe = ThreadPoolExecutor(max_workers=1)
         try:
+            self.client.start_weight_update()
             future = exe.submit(self.client.update_weights, asdict(info))
             self._broadcast(info)
             future.result()
+            self.client.finish_weight_update()
+        except BaseException:
+            # Drop the group now: its sockets close, so receivers still waiting in this round fail at
+            # once instead of at the timeout, and the caller can rebuild the group (actors.learner).
+            self.shutdown()
+            raise
         finally:
             exe.shutdown(wait=False)  # never join a receiver stuck in a dead collective
-        self.client.finish_weight_update()
 
     def _broadcast(self, info: GlooWeightTransferUpdateInfo) -> None:
         stream = iter(self.source)
@@ -264,7 +293,8 @@ class GlooTrainerWeightTransferEngine(TrainerWeightTransferEngine[GlooTrainerIni
             self.group.broadcast(flat, 0).wait()
 
     def shutdown(self) -> None:
-        self.group = None
+        group, self.group = self.group, None
+        release_group(group)
 
 
 def register_gloo_backend() -> None:

@@ -200,7 +200,8 @@ class Trainer:
                 break
             except ray.exceptions.RayError:
                 self._transfer_members = None
-                self._mark_dead_generators()
+                # a survivor may still sit in its receive until the group's timeout: busy is not dead
+                self._mark_dead_generators(timeout_s=self.cfg.weight_sync.timeout_s + 10)
                 if attempt == 2:
                     raise
         return time.perf_counter() - t0
@@ -218,10 +219,10 @@ class Trainer:
         )
         self._transfer_members = live
 
-    def _mark_dead_generators(self) -> None:
+    def _mark_dead_generators(self, timeout_s: float = 5.0) -> None:
         for i in self.pool.live():
             try:
-                ray.get(self.roles.generators[i].info.remote(), timeout=5)
+                ray.get(self.roles.generators[i].info.remote(), timeout=timeout_s)
             except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
                 self.pool.dead.add(i)
 

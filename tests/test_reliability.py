@@ -80,7 +80,8 @@ def model_path():
     return str(ensure_tiny_model(cfg.model.tiny, cfg.data.synthetic))
 
 
-def test_generator_replica_killed_mid_step_loses_no_prompt(ray_cluster, model_path, tmp_path):
+@pytest.mark.parametrize("weight_sync", ["object_store", "collective"])
+def test_generator_replica_killed_mid_step_loses_no_prompt(ray_cluster, model_path, tmp_path, weight_sync):
     args = parse_args(
         sets(
             SMALL
@@ -88,6 +89,8 @@ def test_generator_replica_killed_mid_step_loses_no_prompt(ray_cluster, model_pa
                 f"model.path={model_path}",
                 "generator.replicas=2",
                 "generator.resources.num_cpus=0.5",
+                f"weight_sync.method={weight_sync}",
+                "weight_sync.timeout_s=20",  # bounds how long a peer of a failed round waits
                 f"run_dir={tmp_path}/run",
             ]
         )
@@ -96,6 +99,7 @@ def test_generator_replica_killed_mid_step_loses_no_prompt(ray_cluster, model_pa
     roles = start_roles(cfg, mpath, str(tmp_path / "run"), resume_after_step=None)
     try:
         trainer = Trainer(cfg, str(tmp_path / "run"), roles, DataSource(stream, eval_rows, tok))
+        trainer.sync_weights()  # collective: the transfer group now holds both replicas
         prompts = encode_prompts(stream.next_batch(16), tok, 1)
         launched = trainer.launch(prompts, 4)
         ray.kill(roles.generators[1], no_restart=False)  # dies mid-generation; Ray restarts it
@@ -109,7 +113,11 @@ def test_generator_replica_killed_mid_step_loses_no_prompt(ray_cluster, model_pa
         while not trainer.pool.revive(timeout_s=5) and time.time() < deadline:
             time.sleep(1)
         assert trainer.pool.live() == [0, 1]
+        # collective: the restarted process is not in the old group; the failed broadcast rebuilds it
+        trainer.version = 7
         trainer.sync_weights()
+        versions = ray.get([g.info.remote() for g in roles.generators])
+        assert [v["policy_version"] for v in versions] == [7, 7]
         rollout2, stats2 = trainer.generate(prompts, 2)
         assert len(rollout2) == 32 and stats2["generator/live_replicas"] == 2
     finally:
