@@ -22,7 +22,7 @@ from pipeline.study import analyze  # noqa: E402
 from pipeline.train import main as train_main  # noqa: E402
 
 STUDY = Path(__file__).resolve().parent.parent / "configs" / "study"
-ORDER = ("grpo", "clip_cov", "kl_cov", "entropy_bonus", "controller")
+ORDER = ("grpo", "clip_cov", "kl_cov", "entropy_bonus", "controller", "controller_clip")
 
 
 def main() -> None:
@@ -55,6 +55,8 @@ def main() -> None:
                 raise SystemExit(f"[study] {run_dir.name} failed")
         runs[arm][seed] = run_dir
     runs = {arm: by_seed for arm, by_seed in runs.items() if by_seed}
+    if not runs:
+        raise SystemExit(f"[study] no finished run under {out} (a run is finished when it has summary.json)")
     result = analyze(runs, out, baseline="grpo")
     firsts = [by_seed[min(by_seed)] for by_seed in runs.values()]
     build_report(firsts, out / "report", labels=[d.name for d in firsts])

@@ -135,7 +135,8 @@ class LearnerConfig(Strict):
         ge=1,
         description="Dynamic batching: when set, each rank's rows are sorted by length and cut into micro-batches "
         "of at most this many padded tokens (rows x longest row) instead of micro_batch_size rows, so "
-        "variable-length responses waste little compute on padding. The update is the same either way.",
+        "variable-length responses waste little compute on padding. With the default selection_scope "
+        "(mini_batch) the update is the same either way.",
     )
     selection_scope: Literal["mini_batch", "micro_batch"] = Field(
         "mini_batch",
