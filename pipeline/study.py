@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.law import fit_law
-from pipeline.report import _num, load_run, paired, pearson, series
+from pipeline.report import _num, fit_run_law, load_run, paired, pearson, series
 
 EARLY_FRACTION = 1 / 3  # "early" for claim 1
 LAW_EARLY_FRACTION = 0.5  # eval points used to predict the ceiling (claim 2)
@@ -78,14 +78,7 @@ def run_numbers(rows: list[dict[str, Any]]) -> dict[str, Any]:
     h_early = _value_at(steps, ent, early_step)
     acc_early = _value_at(ev_steps, ev, early_step)
 
-    h, r = paired(rows, "entropy/mean", "eval/pass@1")
-    law: dict[str, Any] = {"a": None, "b": None, "r2": None, "ceiling": None}
-    if h.size >= MIN_EARLY_LAW_POINTS:
-        try:
-            fit = fit_law(h, r)
-            law = {"a": _num(fit.a), "b": _num(fit.b), "r2": _num(fit.r2), "ceiling": _num(fit.ceiling)}
-        except ValueError:
-            pass
+    law = fit_run_law(rows)  # the same fit `covrl report` shows
     early = early_law(rows)
 
     pred, meas = paired(rows, "entropy/predicted_change", "entropy/measured_change")
@@ -109,7 +102,7 @@ def run_numbers(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "law_b": law["b"],
         "law_r2": law["r2"],
         "law_ceiling": law["ceiling"],
-        "law_points": int(h.size),
+        "law_points": law["n"],
         "early_ceiling": early["ceiling"],
         "early_points": early["n"],
         "early_ceiling_error": None
@@ -124,11 +117,10 @@ def run_numbers(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "cov_positive_share": float((cov > 0).mean()) if cov.size else None,
         "entropy_fell_share": float((meas < 0).mean()) if meas.size else None,
     }
-    _, target = series(rows, "control/target")
-    c_steps, knob = series(rows, "control/value")
+    t_steps, target = series(rows, "control/target")
+    _, knob = series(rows, "control/value")
     if target.size:
-        by_step = {int(s): v for s, v in zip(*series(rows, "entropy/mean"), strict=True)}
-        t_steps, _ = series(rows, "control/target")
+        by_step = {int(s): v for s, v in zip(steps, ent, strict=True)}
         # control/target at step t is the target the step-t entropy was compared with
         errs = [
             abs(by_step[int(s)] / t - 1)
