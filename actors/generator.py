@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import time
 import warnings
+from contextlib import nullcontext
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -34,8 +35,15 @@ class Generator:
         seed: int = 0,
         metrics_actor: str | None = None,
         weight_sync: WeightSyncConfig | None = None,
+        core_share: str | None = None,
     ) -> None:
         pin_threads(cfg.threads)
+        # one-step-async on shared CPU cores: tell a co-located learner while this replica generates
+        self._busy = None
+        if core_share:
+            from actors.core_share import BusyFlag
+
+            self._busy = BusyFlag(core_share, replica)
         self.metrics = MetricsClient(metrics_actor, "generator", replica)
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(round(cfg.kv_cache_gib)))))
@@ -94,7 +102,8 @@ class Generator:
         requests = [
             self._prompt_cls(prompt_token_ids=prompts.tokens.row(i).tolist()) for i in range(len(prompts))
         ]
-        outputs = self.llm.generate(requests, params, use_tqdm=False)
+        with self._busy.held() if self._busy is not None else nullcontext():
+            outputs = self.llm.generate(requests, params, use_tqdm=False)
         seqs, logps, finish, texts = [], [], [], []
         for out in outputs:
             for comp in sorted(out.outputs, key=lambda c: c.index):

@@ -59,10 +59,12 @@ def deepspeed_config(cfg: LearnerConfig) -> dict[str, Any]:
 class _EngineTrainable:
     """Adapter from a DeepSpeed engine to pipeline.ppo_update's Trainable protocol."""
 
-    def __init__(self, engine: Any) -> None:
-        self.engine, self.module = engine, engine.module
+    def __init__(self, engine: Any, governor: Any = None) -> None:
+        self.engine, self.module, self.governor = engine, engine.module, governor
 
     def backward(self, loss) -> None:
+        if self.governor is not None:
+            self.governor.poll()
         self.engine.backward(loss, scale_wrt_gas=False)
 
     def step(self) -> float | None:
@@ -87,6 +89,7 @@ class Learner:
         seed: int = 0,
         temperature: float = 1.0,
         metrics_actor: str | None = None,
+        core_share: str | None = None,
     ) -> None:
         pin_threads(cfg.threads)
         self.metrics = MetricsClient(metrics_actor, "learner", rank)
@@ -114,6 +117,13 @@ class Learner:
             config=deepspeed_config(cfg),
         )
         self._deepspeed = deepspeed
+        self.governor = None  # lends cores to a co-located generator (async mode, actors/core_share.py)
+        twg = cfg.threads_while_generating
+        if core_share and twg is not None and twg < cfg.threads:
+            from actors.core_share import ThreadGovernor
+
+            self.governor = ThreadGovernor(core_share, threads=cfg.threads, threads_while_generating=twg)
+            self.governor.attach(self.engine.module)
 
     def info(self) -> dict[str, object]:
         return where("learner", self.rank) | {"policy_version": self.version}
@@ -148,8 +158,10 @@ class Learner:
             from pipeline.entropy_control import apply_overrides
 
             algo = algo.model_copy(update={"policy_loss": apply_overrides(algo.policy_loss, loss_overrides)})
+        if self.governor is not None:
+            self.governor.poll()
         result = ppo_update(
-            _EngineTrainable(self.engine),
+            _EngineTrainable(self.engine, self.governor),
             batch,
             algo=algo,
             learner=self.cfg,
@@ -170,6 +182,8 @@ class Learner:
         metrics["time/learner"] = seconds
         metrics["throughput/learner_tokens_per_s"] = tokens / seconds
         metrics["actor/lr"] = float(self.engine.get_lr()[0])
+        if self.governor is not None:
+            metrics["time/learner_cores_lent"] = self.governor.take_yielded_s()
         self.metrics.send(
             step, {f"learner/{self.rank}/time": seconds, f"learner/{self.rank}/tokens": float(tokens)}
         )

@@ -3,8 +3,10 @@ accuracy after the same number of steps, run one after the other in one invocati
 
 Target (issue 8): async step time / sync step time <= 0.75 with accuracy not worse beyond noise.
 On 2 CPU cores the generator and learner share the same cores, so the overlap can only win what one
-role leaves idle; thread splits are part of the comparison.
-    .venv/bin/python bench/bench_async.py [--steps 30]
+role leaves idle. Arms: fixed threads (each role keeps 2 threads, the cores are oversubscribed) and core
+lending (`learner.threads_while_generating=1`: the learner drops to 1 thread while the generator, on 1
+thread, generates, and takes both back when it is done; actors/core_share.py); each in fp32 and bf16.
+    .venv/bin/python bench/bench_async.py [--steps 25] [--skip-bf16]
 """
 
 from __future__ import annotations
@@ -19,20 +21,27 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipeline.train import main as train_main  # noqa: E402
 
-ARMS = {
-    "sync (gen 2 thr, learner 2 thr)": ["schedule.mode=sync"],
-    "async (gen 1 thr, learner 1 thr)": ["schedule.mode=async", "generator.threads=1", "learner.threads=1"],
-    "async (gen 2 thr, learner 2 thr)": ["schedule.mode=async"],
+BF16 = ["learner.dtype=bfloat16", "generator.engine_kwargs={dtype: bfloat16}"]
+LEND = ["schedule.mode=async", "generator.threads=1", "learner.threads_while_generating=1"]
+ARMS = {  # name -> (overrides, the sync arm it is compared with)
+    "sync fp32": ([], "sync fp32"),
+    "async fixed 2+2 thr fp32": (["schedule.mode=async"], "sync fp32"),
+    "async lend fp32": (LEND, "sync fp32"),
+    "sync bf16": (BF16, "sync bf16"),
+    "async lend bf16": (LEND + BF16, "sync bf16"),
 }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--steps", type=int, default=25)
+    ap.add_argument("--skip-bf16", action="store_true")
     args = ap.parse_args()
     out = Path(tempfile.mkdtemp(prefix="covrl-bench-async-"))
     results = {}
-    for i, (name, extra) in enumerate(ARMS.items()):
+    for i, (name, (extra, _)) in enumerate(ARMS.items()):
+        if args.skip_bf16 and "bf16" in name:
+            continue
         sets = [
             f"schedule.steps={args.steps}",
             "schedule.eval_every=0",
@@ -46,16 +55,22 @@ def main() -> None:
         steady = rows[2:-1]  # skip warm-up and the last step (final eval)
         results[name] = {
             "step_s": sum(r["time/step"] - r.get("time/eval", 0.0) for r in steady) / len(steady),
+            "learner_s": sum(r["time/learner"] for r in steady) / len(steady),
+            "lent_s": sum(r.get("time/learner_cores_lent", 0.0) for r in steady) / len(steady),
             "acc_before": rows[0]["eval/pass@1"],
             "acc_after": rows[-1]["final/pass@1"],
             "lag": max(r["version_lag"] for r in rows),
         }
-    base = results["sync (gen 2 thr, learner 2 thr)"]["step_s"]
-    print(f"\n{args.steps} steps per arm, default job otherwise")
-    print(f"{'arm':34} {'s/step':>7} {'vs sync':>8} {'pass@1 before->after':>22} {'max lag':>8}")
+    print(f"\n{args.steps} steps per arm, default job otherwise (steps 3..{args.steps - 1}, eval excluded)")
+    print(
+        f"{'arm':26} {'s/step':>7} {'vs sync':>8} {'learner s':>10} {'cores lent s':>13} "
+        f"{'pass@1 before->after':>22} {'max lag':>8}"
+    )
     for name, r in results.items():
+        base = results[ARMS[name][1]]["step_s"]
         print(
-            f"{name:34} {r['step_s']:7.2f} {r['step_s'] / base:8.3f} {r['acc_before']:>10.3f} -> {r['acc_after']:.3f} {r['lag']:8.0f}"
+            f"{name:26} {r['step_s']:7.2f} {r['step_s'] / base:8.3f} {r['learner_s']:10.2f} {r['lent_s']:13.2f} "
+            f"{r['acc_before']:>10.3f} -> {r['acc_after']:.3f} {r['lag']:8.0f}"
         )
 
 

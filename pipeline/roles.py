@@ -38,6 +38,9 @@ class Roles:
     learners: list[Any] = field(default_factory=list)
     metrics: Any = None
     placement_groups: list[PlacementGroup] = field(default_factory=list)
+    core_share: str | None = (
+        None  # async mode: key of the node-local flag generators raise (actors/core_share.py)
+    )
 
     def all_actors(self) -> list[Any]:
         extra = [self.metrics] if self.metrics is not None else []
@@ -124,6 +127,8 @@ def _start(
 ) -> None:
     temp, seed = cfg.generator.temperature, cfg.schedule.seed
     metrics_name = f"metrics-{cfg.name}-{uuid.uuid4().hex[:8]}"
+    if cfg.schedule.mode == "async" and cfg.learner.threads_while_generating is not None:
+        roles.core_share = f"{cfg.name}-{uuid.uuid4().hex[:8]}"
     roles.metrics = (
         ray.remote(Metrics)
         .options(**actor_options(cfg.metrics.resources, name=metrics_name))
@@ -165,6 +170,7 @@ def _start(
             seed=seed,
             temperature=temp,
             metrics_actor=metrics_name,
+            core_share=roles.core_share,
         )
         for rank in range(cfg.learner.ranks)
     ]
@@ -178,6 +184,7 @@ def _start(
             seed=seed,
             metrics_actor=metrics_name,
             weight_sync=cfg.weight_sync,
+            core_share=roles.core_share,
         )
         for i in range(cfg.generator.replicas)
     ]
@@ -217,6 +224,10 @@ def stop_roles(roles: Roles) -> None:
             remove_placement_group(pg)
         except Exception:  # noqa: BLE001
             pass
+    if roles.core_share:  # generators drop their flags on exit; the run's (node-local) folder goes here
+        from actors.core_share import remove_key
+
+        remove_key(roles.core_share)
     roles.generators, roles.verifiers, roles.references, roles.learners = [], [], [], []
     roles.metrics, roles.placement_groups = None, []
 

@@ -151,6 +151,13 @@ class LearnerConfig(Strict):
         "learner time in bench/bench_learner.py).",
     )
     threads: int = Field(1, ge=1)
+    threads_while_generating: int | None = Field(
+        None,
+        ge=1,
+        description="One-step-async on shared CPU cores: threads the learner keeps while a generator on its "
+        "node is generating (it takes the rest back when generation ends; actors/core_share.py). "
+        "None = always `threads`. No effect in sync mode, where the roles never overlap.",
+    )
     dtype: Literal["float32", "bfloat16"] = "float32"
     max_bad_steps: int = Field(3, ge=1, description="Stop after this many consecutive non-finite updates.")
     measure_entropy_change_every: int = Field(
@@ -273,6 +280,12 @@ class RunConfig(Strict):
                 "schedule.mode=async with algorithm.dynamic_sampling.enabled is not supported yet: "
                 "use one of them"
             )
+        twg = self.learner.threads_while_generating
+        if twg is not None and twg > self.learner.threads:
+            raise ValueError(
+                f"learner.threads_while_generating = {twg} must be <= learner.threads = {self.learner.threads} "
+                "(it is how many threads the learner keeps while it lends cores to generation)"
+            )
         if self.reference.enabled == "never" and self.algorithm.kl_coef > 0:
             raise ValueError(
                 "algorithm.kl_coef > 0 needs the reference role: set reference.enabled to 'auto'"
@@ -297,6 +310,18 @@ class RunConfig(Strict):
         if loss.name == "kl_cov" and loss.kl_cov_beta < 1:
             out.append(
                 f"kl_cov_beta={loss.kl_cov_beta}: the paper and its scripts use 1 (verl's 0.1 default is a trap)"
+            )
+        twg = self.learner.threads_while_generating
+        if (
+            self.schedule.mode == "async"
+            and twg is not None
+            and twg + self.generator.threads > self.learner.threads
+        ):
+            out.append(
+                f"learner.threads_while_generating={twg} + generator.threads={self.generator.threads} > "
+                f"learner.threads={self.learner.threads}: where the two roles share cores they are oversubscribed "
+                "while generating (bench/bench_async.py: 1.2x slower than sync on 2 cores); lend as many "
+                "threads as the generator uses"
             )
         return out
 

@@ -90,3 +90,9 @@ def test_cli_exits_nonzero_before_starting_anything(tmp_path):
     assert bad_key.returncode == 2 and "learner.bogus: unknown key" in bad_key.stderr
     missing = run(f"model.path={tmp_path / 'nowhere'}")
     assert missing.returncode == 2 and "no such directory" in missing.stderr
+
+
+def test_async_core_lending_that_oversubscribes_warns():
+    lend = ["schedule.mode=async", "learner.threads=2", "learner.threads_while_generating=1"]
+    assert any("oversubscribed" in w for w in load_config(None, [*lend, "generator.threads=2"]).warnings())
+    assert not load_config(None, [*lend, "generator.threads=1"]).warnings()

@@ -148,9 +148,10 @@ def test_custom_verifier_plugin_trains_on_a_jsonl_dataset(tmp_path, ray_cluster)
             },
             lambda r: r["control/target"] > 0 and r["control/value"] > 0,
         ),
-        (  # one-step-async: generation of step t+1 runs with the weights of step t-1
-            {"schedule.mode": "async"},
-            lambda r: r["step"] == 1 or r["version_lag"] == 1,
+        (  # one-step-async: generation of step t+1 runs with the weights of step t-1, and the learner
+            # lends a core to the generator while it generates (actors/core_share.py)
+            {"schedule.mode": "async", "generator.threads": 1, "learner.threads_while_generating": 1},
+            lambda r: (r["step"] == 1 or r["version_lag"] == 1) and r["time/learner_cores_lent"] >= 0,
         ),
         (  # a KL term starts the reference role: frozen initial policy, per-token reference log-probs
             {"algorithm.kl_coef": 0.05},
@@ -177,6 +178,8 @@ def test_recipe_modes_run_end_to_end(overrides, check, tmp_path, ray_cluster):
     r = rows(tmp_path / "run")
     assert [x["step"] for x in r] == [1, 2, 3]
     assert all(check(x) for x in r), r[-1]
+    if "learner.threads_while_generating" in overrides:  # steps 1-2 overlap the next step's generation
+        assert sum(x["time/learner_cores_lent"] for x in r[:-1]) > 0
 
 
 def test_collective_weight_sync_reaches_every_replica(tmp_path, ray_cluster):
