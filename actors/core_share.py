@@ -15,6 +15,7 @@ ignored because its pid is gone.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
@@ -22,6 +23,8 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+log = logging.getLogger("covrl.core_share")
 
 
 def flag_root() -> Path:
@@ -47,13 +50,24 @@ class BusyFlag:
     def __init__(self, key: str, replica: int) -> None:
         self.dir = flag_root() / key
         self.path = self.dir / f"{replica}.{os.getpid()}"
+        self.warned = False
         for stale in self.dir.glob(f"{replica}.*"):  # left by a previous process of this replica
             stale.unlink(missing_ok=True)
 
     @contextmanager
     def held(self) -> Iterator[None]:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.path.touch()
+        """Never fails generation: if the flag cannot be written, the learner just keeps its threads."""
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            self.path.touch()
+        except OSError as e:
+            if not self.warned:
+                log.warning(
+                    "core sharing off: cannot write %s (%s); the learner keeps its threads", self.path, e
+                )
+                self.warned = True
+            yield
+            return
         try:
             yield
         finally:

@@ -97,3 +97,18 @@ def test_config_rejects_more_threads_while_generating_than_threads():
 
     with pytest.raises(ValueError, match="learner.threads_while_generating"):
         RunConfig.model_validate({"learner": {"threads": 2, "threads_while_generating": 3}})
+
+
+def test_an_unwritable_flag_never_fails_generation(key, tmp_path, caplog):
+    flag = BusyFlag(key, 0)
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    flag.dir = blocker / "sub"  # a folder under a plain file cannot be created
+    flag.path = flag.dir / "0.1"
+    ran = []
+    with flag.held():
+        ran.append(1)
+    with flag.held():
+        ran.append(2)
+    assert ran == [1, 2]
+    assert sum("core sharing off" in r.message for r in caplog.records) == 1  # said once, not per call
