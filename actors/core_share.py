@@ -3,10 +3,10 @@
 Why: in async mode generation of step t+1 runs while the learner trains on step t. When both roles sit on
 the same cores, fixed thread counts oversubscribe them: an OpenMP region waits for its slowest thread,
 and a thread that shares its core with the other role is always the slowest. On 2 cores, 2+2 threads
-ran each role ~2.5x slower than alone (bench/bench_async.py). Instead the generator raises a node-local
-flag while it generates, and the learner drops to ``threads_while_generating`` threads until the flag
-is gone, then takes every core back. The learner looks at the flag before each decoder layer's forward
-and before each backward, so it reacts within one layer.
+made the async step 2.2x slower than sync (bench/bench_async.py). Instead the generator raises a
+node-local flag while it generates, and the learner drops to ``threads_while_generating`` threads until
+the flag is gone, then takes every core back. The learner looks at the flag at every transformer block,
+in forward and in backward, so it reacts within one layer (0.89x sync on 2 cores).
 
 The flag is a file ``<root>/<key>/<replica>.<pid>`` on tmpfs: node-local by construction (a generator on
 another node never slows this learner), ~2 us to check, and a flag left by a killed generator is

@@ -38,9 +38,8 @@ class Roles:
     learners: list[Any] = field(default_factory=list)
     metrics: Any = None
     placement_groups: list[PlacementGroup] = field(default_factory=list)
-    core_share: str | None = (
-        None  # async mode: key of the node-local flag generators raise (actors/core_share.py)
-    )
+    # async mode: key of the node-local flag the generators raise while generating (actors/core_share.py)
+    core_share: str | None = None
 
     def all_actors(self) -> list[Any]:
         extra = [self.metrics] if self.metrics is not None else []
