@@ -78,11 +78,10 @@ def generating(flag_dir: Path) -> bool:
     """Is any live generator process on this node generating?"""
     try:
         with os.scandir(flag_dir) as entries:
-            return any(
-                _alive(int(e.name.rpartition(".")[2])) for e in entries if e.name.rpartition(".")[2].isdigit()
-            )
+            pids = [e.name.rpartition(".")[2] for e in entries]
     except FileNotFoundError:
         return False
+    return any(pid.isdigit() and _alive(int(pid)) for pid in pids)
 
 
 class ThreadGovernor:
@@ -116,12 +115,13 @@ class ThreadGovernor:
             self._since, self.current = now, want
             self._set(want)
 
-    def take_yielded_s(self) -> float:
-        """Seconds spent with reduced threads since the last call (for the step's metrics)."""
-        now = time.perf_counter()
+    def end_step(self) -> float:
+        """Seconds lent during this step (for its metrics). The learner is idle until its next step, so it
+        takes its threads back here: idle time is not counted as lent, and the next poll decides again."""
         if self.current == self.reduced:
-            self.yielded_s += now - self._since
-            self._since = now
+            self.yielded_s += time.perf_counter() - self._since
+            self.current = self.threads
+            self._set(self.threads)
         out, self.yielded_s = self.yielded_s, 0.0
         return out
 

@@ -59,12 +59,10 @@ def deepspeed_config(cfg: LearnerConfig) -> dict[str, Any]:
 class _EngineTrainable:
     """Adapter from a DeepSpeed engine to pipeline.ppo_update's Trainable protocol."""
 
-    def __init__(self, engine: Any, governor: Any = None) -> None:
-        self.engine, self.module, self.governor = engine, engine.module, governor
+    def __init__(self, engine: Any) -> None:
+        self.engine, self.module = engine, engine.module
 
     def backward(self, loss) -> None:
-        if self.governor is not None:
-            self.governor.poll()
         self.engine.backward(loss, scale_wrt_gas=False)
 
     def step(self) -> float | None:
@@ -158,10 +156,8 @@ class Learner:
             from pipeline.entropy_control import apply_overrides
 
             algo = algo.model_copy(update={"policy_loss": apply_overrides(algo.policy_loss, loss_overrides)})
-        if self.governor is not None:
-            self.governor.poll()
         result = ppo_update(
-            _EngineTrainable(self.engine, self.governor),
+            _EngineTrainable(self.engine),
             batch,
             algo=algo,
             learner=self.cfg,
@@ -183,7 +179,7 @@ class Learner:
         metrics["throughput/learner_tokens_per_s"] = tokens / seconds
         metrics["actor/lr"] = float(self.engine.get_lr()[0])
         if self.governor is not None:
-            metrics["time/learner_cores_lent"] = self.governor.take_yielded_s()
+            metrics["time/learner_cores_lent"] = self.governor.end_step()
         self.metrics.send(
             step, {f"learner/{self.rank}/time": seconds, f"learner/{self.rank}/tokens": float(tokens)}
         )

@@ -39,8 +39,20 @@ def test_learner_lends_cores_only_while_a_generator_generates(key):
     assert not generating(flag_root() / key)
     gov.poll()
     assert calls == [1, 4]
-    assert gov.take_yielded_s() > 0
-    assert gov.take_yielded_s() == 0.0
+    assert gov.end_step() > 0
+    assert gov.end_step() == 0.0
+
+
+def test_end_of_step_takes_the_threads_back_and_stops_counting(key):
+    calls: list[int] = []
+    gov, flag = governor(key, calls), BusyFlag(key, replica=0)
+    with flag.held():
+        gov.poll()
+        lent = gov.end_step()  # the step ends while the generator still generates
+        assert lent > 0 and calls == [1, 4] and gov.current == 4
+        assert gov.end_step() == 0.0  # the idle learner lends nothing
+        gov.poll()  # next step, generation still running: lend again
+        assert calls == [1, 4, 1]
 
 
 def test_two_replicas_on_one_node_both_count(key):
