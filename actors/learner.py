@@ -144,10 +144,12 @@ class Learner:
         inspect_top_k: int = 0,
         loss_overrides: dict[str, float] | None = None,
         old_logprobs_from_sampler: bool = False,
+        entropy_probe: bool = False,
     ) -> LearnerStats:
         """One RL step on this rank's share. ``loss_overrides`` (the entropy controller's knob) replaces
         policy-loss fields for this step; ``old_logprobs_from_sampler`` uses vLLM's log-probs as the
-        PPO "old" policy (one-step-async mode, where the sampler's weights are a version behind)."""
+        PPO "old" policy (one-step-async mode, where the sampler's weights are a version behind);
+        ``entropy_probe`` runs the SGD entropy probe (``learner.entropy_probe``) before the update."""
         from pipeline.ppo_update import ppo_update
 
         t0 = time.perf_counter()
@@ -170,6 +172,7 @@ class Learner:
             inspect_top_k=inspect_top_k if self.rank == 0 else 0,
             old_logprobs_from_sampler=old_logprobs_from_sampler,
             full_logits=self.cfg.zero_stage == 3,
+            entropy_probe_lrs=self.cfg.entropy_probe.lrs if entropy_probe else (),
         )
         metrics = result.metrics
         self.version += 1

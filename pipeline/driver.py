@@ -25,6 +25,7 @@ from pipeline.advantages import compute_advantages
 from pipeline.batching import build_train_batch
 from pipeline.entropy_control import EntropyController
 from pipeline.generation import GeneratorPool, Launched, RoleFailure
+from pipeline.pass_at_k import pass_at_k_metrics
 from pipeline.progress import Progress
 from pipeline.recipe import fill_informative, handle_overlong, reward_metrics
 from pipeline.roles import Roles
@@ -308,6 +309,7 @@ class Trainer:
                     inspect_top_k=top_k,
                     loss_overrides=self.controller.overrides() if self.controller else None,
                     old_logprobs_from_sampler=cfg.schedule.mode == "async",
+                    entropy_probe=_every(cfg.learner.entropy_probe.every, step),
                 )
                 for lr in self.roles.learners
             ],
@@ -381,9 +383,7 @@ class Trainer:
         )
         scored = self.score(rollout)
         correct = scored.rewards.reshape(len(rows), sched.eval_samples) >= 1.0
-        return {
-            "eval/pass@1": float(correct.mean()),
-            f"eval/pass@{sched.eval_samples}": float(correct.any(1).mean()),
+        return pass_at_k_metrics(correct) | {
             "eval/response_length": float(rollout.responses.lengths.mean()),
             "time/eval": time.perf_counter() - t0,
         }

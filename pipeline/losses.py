@@ -41,6 +41,7 @@ Other deviations from verl (volcengine/verl ``core_algos.py``):
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -49,16 +50,43 @@ from schemas.config import PolicyLossConfig
 Tensor = torch.Tensor
 PolicyLossFn = Callable[..., tuple[Tensor, dict[str, Tensor]]]
 AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+
+
+@dataclass(frozen=True)
+class TokenSelector:
+    """How a loss picks its special tokens over a whole mini-batch (global selection).
+
+    ``select(log_prob, old_log_prob, advantages, mask, config, *, generator, rank_log_prob)`` returns a
+    bool mask like ``mask``. ``log_prob`` is the current policy's; ``rank_log_prob`` (defaults to
+    ``log_prob``) is what the covariance ranks by. ``needs_current_ratio``: the selection also depends on
+    the current/old ratio (Clip-Cov skips tokens the PPO clip already zeroes), so the caller must supply
+    the current policy's log-probs even when it ranks by others.
+    """
+
+    select: Callable[..., Tensor]
+    needs_current_ratio: bool = False
+
+
 _REGISTRY: dict[str, PolicyLossFn] = {}
+_SELECTORS: dict[str, TokenSelector] = {}
 
 
-def register_policy_loss(name: str) -> Callable[[PolicyLossFn], PolicyLossFn]:
-    """Decorator: register a policy loss with the module's signature under ``name``."""
+def register_policy_loss(
+    name: str, *, selector: TokenSelector | None = None
+) -> Callable[[PolicyLossFn], PolicyLossFn]:
+    """Decorator: register a policy loss with the module's signature under ``name``.
+
+    A loss that selects tokens (it reads ``selected=``) declares its ``selector``; the learner then runs
+    it once over each optimizer mini-batch, across micro-batches and ranks, and hands every micro-batch
+    its slice (split-invariant, see the module docstring).
+    """
 
     def deco(fn: PolicyLossFn) -> PolicyLossFn:
         if name in _REGISTRY and _REGISTRY[name] is not fn:
             raise ValueError(f"policy loss {name!r} is already registered; pick another name")
         _REGISTRY[name] = fn
+        if selector is not None:
+            _SELECTORS[name] = selector
         return fn
 
     return deco
@@ -69,6 +97,12 @@ def get_policy_loss(name: str) -> PolicyLossFn:
     if name not in _REGISTRY:
         raise ValueError(f"unknown policy loss {name!r}; registered: {sorted(_REGISTRY)}")
     return _REGISTRY[name]
+
+
+def get_token_selector(name: str) -> TokenSelector | None:
+    """The global token selector of loss ``name`` (None for losses that select nothing)."""
+    get_policy_loss(name)
+    return _SELECTORS.get(name)
 
 
 # ---------------------------------------------------------------------------------- aggregation
@@ -218,6 +252,35 @@ def _unclipped(mask: Tensor, clipped: Tensor, clipped_lower: Tensor | None) -> T
     return cand if clipped_lower is None else cand & ~clipped_lower
 
 
+def _select_clip_cov_tokens(
+    log_prob: Tensor,
+    old_log_prob: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    config: PolicyLossConfig,
+    *,
+    generator: torch.Generator | None = None,
+    rank_log_prob: Tensor | None = None,
+) -> Tensor:
+    cov = token_covariance(log_prob if rank_log_prob is None else rank_log_prob, advantages, mask)
+    cand = clip_cov_candidates(log_prob, old_log_prob, advantages, mask, config)
+    return select_clip_cov(cov, cand, int(mask.sum()), config, generator)
+
+
+def _select_kl_cov_tokens(
+    log_prob: Tensor,
+    old_log_prob: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    config: PolicyLossConfig,
+    *,
+    generator: torch.Generator | None = None,
+    rank_log_prob: Tensor | None = None,
+) -> Tensor:
+    cov = token_covariance(log_prob if rank_log_prob is None else rank_log_prob, advantages, mask)
+    return select_kl_cov(cov, mask, int(mask.sum()), config)
+
+
 def select_tokens(
     log_prob: Tensor,
     old_log_prob: Tensor,
@@ -226,18 +289,26 @@ def select_tokens(
     config: PolicyLossConfig,
     *,
     generator: torch.Generator | None = None,
+    rank_log_prob: Tensor | None = None,
 ) -> Tensor | None:
-    """Global selection for ``config.name`` over a whole mini-batch (None for losses that select
-    nothing). Slice the result per micro-batch and pass it as ``selected=``."""
-    if config.name not in ("clip_cov", "kl_cov"):
+    """Global selection of ``config.name``'s loss over a whole mini-batch (None for losses that select
+    nothing). Slice the result per micro-batch and pass it as ``selected=``.
+
+    ``log_prob`` is the current policy's (the paper's ranking, and what the PPO-clip exclusion needs);
+    ``rank_log_prob`` ranks by other log-probs instead (``learner.selection_logprobs: step_start``).
+    """
+    selector = get_token_selector(config.name)
+    if selector is None:
         return None
-    mask = response_mask.bool()
-    cov = token_covariance(log_prob, advantages, mask)
-    n_valid = int(mask.sum())
-    if config.name == "kl_cov":
-        return select_kl_cov(cov, mask, n_valid, config)
-    cand = clip_cov_candidates(log_prob, old_log_prob, advantages, mask, config)
-    return select_clip_cov(cov, cand, n_valid, config, generator)
+    return selector.select(
+        log_prob,
+        old_log_prob,
+        advantages,
+        response_mask.bool(),
+        config,
+        generator=generator,
+        rank_log_prob=rank_log_prob,
+    )
 
 
 # ------------------------------------------------------------------------------------ the losses
@@ -337,7 +408,7 @@ def ppo_loss(
     return loss, stats
 
 
-@register_policy_loss("clip_cov")
+@register_policy_loss("clip_cov", selector=TokenSelector(_select_clip_cov_tokens, needs_current_ratio=True))
 def clip_cov_loss(
     log_prob: Tensor,
     old_log_prob: Tensor,
@@ -379,7 +450,7 @@ def clip_cov_loss(
     return loss, stats
 
 
-@register_policy_loss("kl_cov")
+@register_policy_loss("kl_cov", selector=TokenSelector(_select_kl_cov_tokens))
 def kl_cov_loss(
     log_prob: Tensor,
     old_log_prob: Tensor,

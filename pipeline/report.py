@@ -5,6 +5,7 @@ Figures and a summary of one or more runs' entropy dynamics, read from each run'
 
   entropy.png         mean token entropy vs step (p10-p90 band where logged), runs overlaid
   accuracy.png        held-out pass@1 vs step, with the batch reward/mean as a lighter line
+  pass_at_k.png       held-out unbiased pass@k vs step, one line style per k (exploration kept or lost)
   law.png             pass@1 vs entropy with the fitted R = -a exp(H) + b and its ceiling -a + b
   entropy_change.png  predicted (-Cov(logp, A)) vs measured entropy change, Pearson r per run
   covariance.png      per-token covariance p50 / p99 / max vs step (symlog y)
@@ -29,7 +30,15 @@ import numpy as np
 
 from pipeline.law import fit_law
 
-FIGURES = ("entropy.png", "accuracy.png", "law.png", "entropy_change.png", "covariance.png")
+FIGURES = (
+    "entropy.png",
+    "accuracy.png",
+    "pass_at_k.png",
+    "law.png",
+    "entropy_change.png",
+    "covariance.png",
+)
+PASS_AT_K_STYLES = ("-", "--", "-.", ":")
 MIN_LAW_POINTS = 3
 MIN_CORR_POINTS = 3
 DPI = 120
@@ -268,6 +277,28 @@ def plot_accuracy(runs, labels, path: Path) -> None:
     _finish(fig, ax, path, drew)
 
 
+def pass_at_k_keys(rows: list[dict[str, Any]]) -> list[str]:
+    """The ``eval/pass@k`` keys logged in ``rows``, by k."""
+    keys = {k for r in rows for k in r if k.startswith("eval/pass@") and k[len("eval/pass@") :].isdigit()}
+    return sorted(keys, key=lambda k: int(k.rsplit("@", 1)[1]))
+
+
+def plot_pass_at_k(runs, labels, path: Path) -> None:
+    fig, ax = _new_figure("Held-out pass@k (unbiased, from n samples per problem)", "step", "pass@k")
+    drew = False
+    for i, (run, label) in enumerate(zip(runs, labels, strict=True)):
+        for j, key in enumerate(pass_at_k_keys(run["rows"])):
+            s, v = series(run["rows"], key)
+            if s.size:
+                k = key.rsplit("@", 1)[1]
+                style = PASS_AT_K_STYLES[j % len(PASS_AT_K_STYLES)]
+                ax.plot(
+                    s, v, color=_color(i), ls=style, lw=1.6, marker="o", ms=2.5, label=f"{label} pass@{k}"
+                )
+                drew = True
+    _finish(fig, ax, path, drew)
+
+
 def plot_law(runs, labels, summaries, path: Path) -> None:
     fig, ax = _new_figure(
         "Entropy–performance law  R = −a·exp(H) + b", "mean token entropy H", "eval pass@1 R"
@@ -394,6 +425,7 @@ def render_markdown(summaries: list[dict[str, Any]]) -> str:
     titles = {
         "entropy.png": "Entropy vs step",
         "accuracy.png": "Accuracy vs step",
+        "pass_at_k.png": "pass@k vs step",
         "law.png": "Accuracy vs entropy (law fit)",
         "entropy_change.png": "Predicted vs measured entropy change",
         "covariance.png": "Covariance vs step",
@@ -425,6 +457,7 @@ def build_report(run_dirs, out_dir, labels=None) -> dict[str, Any]:
 
     plot_entropy(runs, labels, out / "entropy.png")
     plot_accuracy(runs, labels, out / "accuracy.png")
+    plot_pass_at_k(runs, labels, out / "pass_at_k.png")
     plot_law(runs, labels, summaries, out / "law.png")
     plot_entropy_change(runs, labels, summaries, out / "entropy_change.png")
     plot_covariance(runs, labels, out / "covariance.png")

@@ -110,6 +110,28 @@ class ReferenceConfig(Strict):
     threads: int = Field(1, ge=1)
 
 
+class EntropyProbeConfig(Strict):
+    """Claim 3 where the theory applies (pipeline/entropy_probe.py): every ``every`` steps, from the current
+    weights, one plain SGD step per learning rate on the step's batch (never applied to the run), measuring
+    the exact entropy change beside -lr * Cov(log pi, A)."""
+
+    every: int = Field(
+        0, ge=0, description="Probe every N steps (0 = never). Rank 0 runs it on the whole batch."
+    )
+    lrs: list[float] = Field(
+        [1e-3, 1e-2, 1e-1],
+        min_length=1,
+        description="SGD learning rates probed (each from the same weights): small ones stay in the law's "
+        "first-order regime, larger ones show where it ends.",
+    )
+
+    @model_validator(mode="after")
+    def _positive(self) -> EntropyProbeConfig:
+        if any(not lr > 0 for lr in self.lrs):
+            raise ValueError(f"lrs must all be > 0, got {self.lrs}")
+        return self
+
+
 class LearnerConfig(Strict):
     ranks: int = Field(1, ge=1, description="DeepSpeed data-parallel ranks (one Ray actor each).")
     resources: Resources = Resources(num_cpus=1.0)
@@ -144,11 +166,13 @@ class LearnerConfig(Strict):
         "and ranks (covrl, split-invariant), or per micro-batch (reference code behaviour).",
     )
     selection_logprobs: Literal["current", "step_start"] = Field(
-        "step_start",
-        description="Log-probs that rank tokens for mini_batch-scope selection: the step-start policy's "
-        "(default; free, already computed for the old log-probs; identical for the first update of a step) or "
-        "the current policy's (as the paper's code; one extra no-grad forward per later mini-batch, ~+17% "
-        "learner time in bench/bench_learner.py).",
+        "current",
+        description="Log-probs that rank tokens for mini_batch-scope selection. 'current' (default, the paper's "
+        "algorithm): the current policy's, taken from the loss forward itself when each rank's share of a "
+        "mini-batch fits one micro-batch, else from one lean no-grad pass per later mini-batch. 'step_start': an "
+        "opt-in approximation that ranks by the log-probs of the policy that started the step (KL-Cov then needs "
+        "no extra pass; Clip-Cov still needs the current ratio to skip PPO-clipped tokens). Cost and effect: "
+        "bench/README.md.",
     )
     threads: int = Field(1, ge=1)
     threads_while_generating: int | None = Field(
@@ -165,6 +189,16 @@ class LearnerConfig(Strict):
         ge=0,
         description="Every N steps, one extra forward measures the entropy after the update (0 = never).",
     )
+    entropy_probe: EntropyProbeConfig = EntropyProbeConfig()
+
+    @model_validator(mode="after")
+    def _probe_needs_whole_weights(self) -> LearnerConfig:
+        if self.entropy_probe.every and self.zero_stage == 3:
+            raise ValueError(
+                "learner.entropy_probe needs the whole weights on rank 0: use zero_stage <= 2 or set "
+                "entropy_probe.every = 0"
+            )
+        return self
 
 
 class MetricsConfig(Strict):
@@ -190,7 +224,12 @@ class ScheduleConfig(Strict):
         10, ge=0, description="Held-out evaluation every N steps (0 = only start and end)."
     )
     eval_prompts: int = Field(256, ge=1)
-    eval_samples: int = Field(4, ge=1, description="Samples per eval prompt: pass@1 and mean@k.")
+    eval_samples: int = Field(
+        4,
+        ge=1,
+        description="Samples n per eval prompt: unbiased pass@k (Chen et al. 2021) is logged for k in 1, 4, 16, "
+        "64, 256 up to n, and for k = n.",
+    )
     eval_temperature: float = Field(1.0, gt=0)
     checkpoint_every: int = Field(20, ge=0, description="Checkpoint every N steps (0 = only at the end).")
     keep_checkpoints: int = Field(2, ge=1)

@@ -17,6 +17,10 @@ PURE = [
     "pipeline.law",
     "pipeline.recipe",
     "pipeline.study",
+    "pipeline.ppo_update",
+    "pipeline.model_forward",
+    "pipeline.entropy_probe",
+    "pipeline.pass_at_k",
     *(f"schemas.{m.name}" for m in pkgutil.iter_modules(schemas.__path__)),
 ]
 HEAVY = ("ray", "vllm", "deepspeed")

@@ -66,7 +66,7 @@ def test_response_logprobs_match_naive_forward():
         assert (lp[i, len(resp) :] == 0).all()
 
 
-def run_update(model, batch, loss_name, micro, mini=3, selection="step_start", tokens=None):
+def run_update(model, batch, loss_name, micro, mini=3, selection="current", tokens=None):
     algo = AlgorithmConfig(
         policy_loss=PolicyLossConfig(
             name=loss_name, clip_cov_lb=-10.0, clip_cov_ub=10.0, clip_cov_ratio=0.2, kl_cov_ratio=0.2
