@@ -1,7 +1,7 @@
 """Target-entropy control for Clip-Cov / KL-Cov: a PI controller on the selection knob.
 
 Fixed selection ratios (Clip-Cov r, KL-Cov k) are tuned per model, and users still see entropy
-collapse or surge (Cui et al. 2025; PAPER.md "What users of the reference code ran into"). Here the
+collapse or surge (Cui et al. 2025; users of the reference code reported both on Qwen3 bases). Here the
 user asks for an entropy and the controller moves the knob each step to hold it.
 
 Loop, once per RL step t (see docs/entropy_control.md for the driver contract)::

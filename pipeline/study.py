@@ -24,12 +24,15 @@ from typing import Any
 import numpy as np
 
 from pipeline.law import fit_law
-from pipeline.report import _num, fit_run_law, load_run, paired, pearson, series
+from pipeline.probe_analysis import plot_probes, probe_summary, render_probe_table
+from pipeline.report import _num, fit_run_law, load_run, paired, pass_at_k_keys, pearson, series
+from pipeline.study_figures import plot_study
 
 EARLY_FRACTION = 1 / 3  # "early" for claim 1
 LAW_EARLY_FRACTION = 0.5  # eval points used to predict the ceiling (claim 2)
 MIN_EARLY_LAW_POINTS = 3
 MA_WINDOW = 10
+PASS_K_DIFFS = ("pass@4_end", "pass@16_end", "pass@64_end")
 
 
 def _moving_average(x: np.ndarray, w: int) -> np.ndarray:
@@ -117,6 +120,12 @@ def run_numbers(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "cov_positive_share": float((cov > 0).mean()) if cov.size else None,
         "entropy_fell_share": float((meas < 0).mean()) if meas.size else None,
     }
+    for key in pass_at_k_keys(rows):
+        k = key.rsplit("@", 1)[1]
+        _, start = series(rows, key)
+        _, end = series(rows, f"final/pass@{k}")
+        out[f"pass@{k}_start"] = float(start[0]) if start.size else None
+        out[f"pass@{k}_end"] = float(end[-1]) if end.size else (float(start[-1]) if start.size else None)
     t_steps, target = series(rows, "control/target")
     _, knob = series(rows, "control/value")
     if target.size:
@@ -184,6 +193,10 @@ def _fmt(m: tuple[float | None, float | None, int], spec: str = ".3f") -> str:
     return format(mean, spec) + ("" if sd is None else f" ± {format(sd, spec.replace('+', ''))}")
 
 
+def _has(diffs: dict[str, dict[str, Any]], key: str) -> bool:
+    return any(row.get(key, {}).get("n") for row in diffs.values())
+
+
 def render_tables(agg: dict[str, dict[str, Any]], diffs: dict[str, dict[str, Any]], baseline: str) -> str:
     arms = list(agg)
     n = {a: max((v[2] for v in agg[a].values()), default=0) for a in arms}
@@ -202,6 +215,24 @@ def render_tables(agg: dict[str, dict[str, Any]], diffs: dict[str, dict[str, Any
             f"{_fmt(g['entropy_mean'], '.4f')} | {_fmt(g['entropy_drop_early_share'], '.0%')} | "
             f"{_fmt(g['accuracy_start'])} | {_fmt(g['accuracy_end'])} | {_fmt(g['accuracy_gain_early_share'], '.0%')} |"
         )
+    ks = sorted(
+        {int(k[5:-6]) for g in agg.values() for k in g if k.startswith("pass@") and k.endswith("_start")}
+    )
+    if ks:
+        lines += [
+            "",
+            "**Held-out pass@k, start → end (unbiased estimator; exploration kept or lost)**",
+            "",
+            "| arm | " + " | ".join(f"pass@{k}" for k in ks) + " |",
+            "|---|" + "---|" * len(ks),
+        ]
+        for a in arms:
+            g = agg[a]
+            cells = [
+                f"{_fmt(g.get(f'pass@{k}_start', (None, None, 0)))} → {_fmt(g.get(f'pass@{k}_end', (None, None, 0)))}"
+                for k in ks
+            ]
+            lines.append(f"| {a} | " + " | ".join(cells) + " |")
     lines += [
         "",
         "**The law R = -a·exp(H) + b (claim 2)**",
@@ -235,12 +266,22 @@ def render_tables(agg: dict[str, dict[str, Any]], diffs: dict[str, dict[str, Any
             "",
             f"**Paired differences to {baseline} (same seed: same data order and initial weights; claim 4)**",
             "",
-            "| arm | Δ mean entropy | seeds > 0 | Δ final entropy | seeds > 0 | Δ final pass@1 | seeds > 0 |",
-            "|---|---|---|---|---|---|---|",
+            "| arm | Δ mean entropy | seeds > 0 | Δ final entropy | seeds > 0 | Δ final pass@1 | seeds > 0 | "
+            + " | ".join(
+                f"Δ final {k.removesuffix('_end')} | seeds > 0" for k in PASS_K_DIFFS if _has(diffs, k)
+            )
+            + " |",
+            "|---|---|---|---|---|---|---|" + "---|---|" * sum(_has(diffs, k) for k in PASS_K_DIFFS),
         ]
         for a, row in diffs.items():
             cells = []
-            for k, spec in (("entropy_mean", "+.4f"), ("entropy_end", "+.4f"), ("accuracy_end", "+.3f")):
+            pass_keys = tuple((k, "+.3f") for k in PASS_K_DIFFS if _has(diffs, k))
+            for k, spec in (
+                ("entropy_mean", "+.4f"),
+                ("entropy_end", "+.4f"),
+                ("accuracy_end", "+.3f"),
+                *pass_keys,
+            ):
                 d = row[k]
                 cells += [_fmt((d["mean"], d["sd"], d["n"]), spec), f"{d['positive']}/{d['n']}"]
             lines.append(f"| {a} | " + " | ".join(cells) + " |")
@@ -262,96 +303,30 @@ def render_tables(agg: dict[str, dict[str, Any]], diffs: dict[str, dict[str, Any
     return "\n".join(lines) + "\n"
 
 
-# ----------------------------------------------------------------------------------------- figures
-
-
-def _band(runs_rows: list[list[dict[str, Any]]], key: str):
-    """Steps logged by every run, with the mean, min and max across runs."""
-    per = [dict(zip(*series(rows, key), strict=True)) for rows in runs_rows]
-    common = sorted(set.intersection(*(set(p) for p in per))) if per else []
-    if not common:
-        return None
-    vals = np.array([[p[s] for s in common] for p in per])
-    return np.array(common), vals.mean(0), vals.min(0), vals.max(0)
-
-
-def plot_study(arm_rows: dict[str, list[list[dict[str, Any]]]], out: Path) -> list[Path]:
-    from matplotlib.figure import Figure
-
-    paths = []
-    panels = (
-        ("study_entropy.png", "entropy/mean", "Policy entropy (mean over seeds, min–max band)", "nats"),
-        ("study_accuracy.png", "eval/pass@1", "Held-out pass@1 (mean over seeds, min–max band)", "pass@1"),
-    )
-    for fname, key, title, ylabel in panels:
-        fig = Figure(figsize=(7.5, 4.8), dpi=120)
-        ax = fig.add_subplot()
-        for i, (arm, runs) in enumerate(arm_rows.items()):
-            band = _band(runs, key)
-            if band is None:
-                continue
-            s, m, lo, hi = band
-            ax.plot(s, m, color=f"C{i}", lw=1.8, label=arm)
-            ax.fill_between(s, lo, hi, color=f"C{i}", alpha=0.15)
-            if key == "entropy/mean":
-                tgt = _band(runs, "control/target")
-                if tgt is not None:
-                    ax.plot(tgt[0], tgt[1], color=f"C{i}", ls="--", lw=1, label=f"{arm} target")
-        ax.set_title(title)
-        ax.set_xlabel("step")
-        ax.set_ylabel(ylabel)
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize="small")
-        fig.tight_layout()
-        fig.savefig(out / fname)
-        paths.append(out / fname)
-
-    fig = Figure(figsize=(7.5, 4.8), dpi=120)
-    ax = fig.add_subplot()
-    for i, (arm, runs) in enumerate(arm_rows.items()):
-        pts = [paired(rows, "entropy/mean", "eval/pass@1") for rows in runs]
-        h = np.concatenate([p[0] for p in pts])
-        r = np.concatenate([p[1] for p in pts])
-        if h.size < 3:
-            continue
-        ax.scatter(h, r, s=10, color=f"C{i}", alpha=0.6)
-        try:
-            fit = fit_law(h, r)
-        except ValueError:
-            continue
-        grid = np.linspace(0, h.max() * 1.05, 100)
-        ax.plot(
-            grid,
-            fit.predict(grid),
-            color=f"C{i}",
-            lw=1.5,
-            label=f"{arm}: a={fit.a:.2f} b={fit.b:.2f} R²={fit.r2:.2f}",
-        )
-    ax.set_title("Entropy–performance law, all seeds pooled per arm")
-    ax.set_xlabel("mean token entropy H")
-    ax.set_ylabel("eval pass@1 R")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize="small")
-    fig.tight_layout()
-    fig.savefig(out / "study_law.png")
-    paths.append(out / "study_law.png")
-    return paths
-
-
 def analyze(runs: dict[str, dict[int, Path]], out: Path, baseline: str = "grpo") -> dict[str, Any]:
     """``{arm: {seed: run_dir}}`` -> study.md (tables), study.json and the per-arm figures in ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     rows = {arm: {seed: load_run(d)["rows"] for seed, d in by_seed.items()} for arm, by_seed in runs.items()}
     per_run = {arm: {seed: run_numbers(r) for seed, r in by_seed.items()} for arm, by_seed in rows.items()}
     agg = aggregate(per_run)
-    keys = ("entropy_mean", "entropy_end", "accuracy_end")
+    keys = ("entropy_mean", "entropy_end", "accuracy_end", *PASS_K_DIFFS)
     diffs = paired_differences(per_run, baseline, keys) if baseline in per_run else {}
-    figures = plot_study({arm: list(by_seed.values()) for arm, by_seed in rows.items()}, out)
-    (out / "study.md").write_text(render_tables(agg, diffs, baseline))
+    arm_rows = {arm: list(by_seed.values()) for arm, by_seed in rows.items()}
+    figures = plot_study(arm_rows, out)
+    probes = probe_summary([r for runs in arm_rows.values() for r in runs])
+    text = render_tables(agg, diffs, baseline)
+    if probes:
+        figures.append(plot_probes(arm_rows, out / "study_probe.png"))
+        text += (
+            "\n**SGD entropy probes, all arms and seeds pooled (claim 3 in the first-order regime)**\n\n"
+            + render_probe_table(probes)
+        )
+    (out / "study.md").write_text(text)
     result = {
         "per_run": per_run,
         "aggregate": agg,
         "paired_differences": diffs,
+        "probes": probes,
         "figures": [str(p) for p in figures],
     }
     (out / "study.json").write_text(json.dumps(result, indent=1, default=str))

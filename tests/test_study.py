@@ -95,3 +95,60 @@ def test_analyze_writes_tables_figures_and_json(tmp_path):
         assert (tmp_path / "out" / f).stat().st_size > 0, f
     diff = result["paired_differences"]["kl_cov"]["entropy_mean"]
     assert diff["positive"] == 2 and diff["mean"] > 0  # slower decay keeps more entropy on both seeds
+
+
+def probe_rows(lr_slopes, n=20, seed=0):
+    """Rows with a probe every step: measured dH = slope * (-lr * cov) + small noise."""
+    import random
+
+    rng = random.Random(seed)
+    rows = []
+    for s in range(1, n + 1):
+        cov = 0.01 + 0.002 * s
+        row = {"step": s, "probe/cov_token": cov, "probe/cov_group": 2 * cov, "probe/cov_token_vanilla": -cov}
+        for lr, slope in lr_slopes.items():
+            row[f"probe/dH@lr{lr:g}"] = slope * (-lr * cov) + rng.gauss(0, 1e-7)
+        rows.append(row)
+    return rows
+
+
+def test_probe_summary_recovers_the_slope_and_correlations(tmp_path):
+    from pipeline.probe_analysis import plot_probes, probe_summary, render_probe_table
+
+    runs = [probe_rows({0.001: 1.4, 0.1: 0.5}, seed=i) for i in range(2)]
+    summary = probe_summary(runs)
+    assert [s["lr"] for s in summary] == [0.001, 0.1]
+    small, big = summary
+    assert small["n"] == 40 and small["slope"] == pytest.approx(1.4, rel=1e-2)
+    assert big["slope"] == pytest.approx(0.5, rel=1e-2)
+    assert small["corr_token"] > 0.99 and small["corr_group"] > 0.99  # group form is 2x token here
+    assert small["corr_vanilla"] < -0.99  # the vanilla form was built with the opposite sign
+    assert small["sign_agreement"] == 1.0
+    assert "| 0.001 | 40 |" in render_probe_table(summary)
+    path = plot_probes({"grpo": runs}, tmp_path / "probe.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_study_reports_pass_at_k_and_probes(tmp_path):
+    runs = {}
+    for arm, bonus in (("grpo", 0.0), ("kl_cov", 0.05)):
+        for seed in (0, 1):
+            rows = synthetic_rows(steps=20)
+            for r in rows:
+                if "eval/pass@1" in r:
+                    r["eval/pass@4"] = r["eval/pass@1"] + 0.2 + bonus
+            rows[-1]["final/pass@4"] = 0.7 + bonus
+            for r, p in zip(rows, probe_rows({0.01: 1.0}, n=20, seed=seed)):
+                r |= {k: v for k, v in p.items() if k != "step"}
+            d = tmp_path / f"{arm}-seed{seed}"
+            d.mkdir()
+            (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+            runs.setdefault(arm, {})[seed] = d
+    res = analyze(runs, tmp_path / "out", baseline="grpo")
+    md = (tmp_path / "out" / "study.md").read_text()
+    assert "pass@4" in md and "SGD entropy probes" in md
+    assert res["paired_differences"]["kl_cov"]["pass@4_end"]["mean"] == pytest.approx(0.05)
+    assert res["probes"][0]["n"] == 80
+    assert (tmp_path / "out" / "study_pass_at_k.png").is_file() and (
+        tmp_path / "out" / "study_probe.png"
+    ).is_file()

@@ -1,6 +1,6 @@
 """Short-budget version of the reproduction study (docs/results.md), run in CI as a regression test.
 
-The study's own arm configs (configs/study/) on half of its budget -- 30 of 60 steps, same seed, no
+The study's own arm configs (configs/study/addition/) on half of its budget -- 30 of 60 steps, same seed, no
 periodic evaluation -- through the real pipeline. It asserts only signs that held on every seed of the
 full study at this point of training, with margins well above the seed-to-seed spread:
 - GRPO's entropy falls (last 5 of 30 steps over the first 3: 0.59-0.60 on the study's seeds);
@@ -23,7 +23,7 @@ from pipeline.train import main as train_main
 
 pytestmark = [pytest.mark.e2e, pytest.mark.ray]
 
-STUDY = Path(__file__).resolve().parents[1] / "configs" / "study"
+STUDY = Path(__file__).resolve().parents[1] / "configs" / "study" / "addition"
 BUDGET = {
     "schedule.steps": 30,
     "schedule.eval_every": 0,
