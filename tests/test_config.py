@@ -96,3 +96,24 @@ def test_async_core_lending_that_oversubscribes_warns():
     lend = ["schedule.mode=async", "learner.threads=2", "learner.threads_while_generating=1"]
     assert any("oversubscribed" in w for w in load_config(None, [*lend, "generator.threads=2"]).warnings())
     assert not load_config(None, [*lend, "generator.threads=1"]).warnings()
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "learner.lr=inf",
+        "learner.lr=.nan",
+        "learner.grad_clip=.inf",
+        "algorithm.policy_loss.clip_cov_ub=inf",
+        "algorithm.policy_loss.clip_cov_lb=-inf",
+        "verifier.timeout_s=nan",
+        "generator.resources.custom={gen_node: .inf}",
+        "schedule.eval_temperature=inf",
+        "model.tiny.max_seconds=inf",
+    ],
+)
+def test_non_finite_floats_are_rejected_naming_the_field(override):
+    field = override.split("=")[0]
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert f"{field}" in str(e.value) and "finite number" in str(e.value)
