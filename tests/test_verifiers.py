@@ -54,6 +54,8 @@ class Hostile:
             raise TimeoutException("sympy took too long")
         if response == "nan":
             return [float("nan")]
+        if response == "huge":
+            return [1e39]  # a finite Python float, but inf as float32 (the actor's score dtype)
         return [Score(float(response == ground_truths[0]), None if response == ground_truths[0] else "wrong")]
 
 
@@ -176,6 +178,23 @@ def test_register_and_coerce():
         coerce_scores([1.0], 2, "X")
     with pytest.raises(ValueError, match="non-finite"):
         coerce_scores([float("inf")], 1, "X")
+    with pytest.raises(ValueError, match="not finite in float32"):
+        coerce_scores([-1e39], 1, "X")
+    assert coerce_scores([3e38], 1, "X") == [Score(3e38, None)]  # the largest float32s still fit
+
+
+def test_score_too_large_for_float32_scores_zero_with_the_reason():
+    """1e39 passes Python's finite check but is inf in the actor's float32 scores, which would crash the
+    driver's "rewards must be finite" check: it must score 0 with the reason, like NaN."""
+    from actors.verifier import VerifierWorker
+
+    worker = VerifierWorker(VerifierConfig(default=VerifierSpec(name=f"{HERE}:Hostile")))
+    try:
+        scores, reasons, stats = worker.score(["", ""], ["huge", "a"], ["x", "a"], ["s", "s"])
+    finally:
+        worker.close()
+    assert scores.tolist() == [0.0, 1.0] and np.isfinite(scores).all()
+    assert "not finite in float32" in reasons[0] and stats["verifier/errors"] == 1
 
 
 def test_stats_summarize_and_merge():

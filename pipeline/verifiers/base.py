@@ -33,6 +33,8 @@ from schemas.verifier_config import FormatRewardSpec, VerifierConfig, VerifierSp
 # Outcome kinds recorded per sample by the isolation layer (stable: they name metrics).
 OK, ERROR, TIMEOUT, CRASH = "ok", "error", "timeout", "crash"
 DEFAULT_ROUTE = "__default__"
+# Scores travel as float32 (the actor's array, the driver's rewards): a larger magnitude becomes inf there.
+FLOAT32_MAX = 3.4028234663852886e38
 
 
 class Score(NamedTuple):
@@ -158,7 +160,8 @@ def load_verifier(spec: VerifierSpec | Mapping[str, Any] | str) -> Any:
 
 
 def coerce_scores(raw: Any, n: int, who: str) -> list[Score]:
-    """Turn a plug-in's return value into N finite ``Score``s (floats and (score, reason) pairs accepted)."""
+    """Turn a plug-in's return value into N ``Score``s finite in float32 (floats and (score, reason) pairs
+    accepted)."""
     try:
         items = None if isinstance(raw, str | bytes) else list(raw)
     except TypeError:
@@ -177,6 +180,11 @@ def coerce_scores(raw: Any, n: int, who: str) -> list[Score]:
         value = float(value)
         if not math.isfinite(value):
             raise ValueError(f"{who}.score returned a non-finite score {value}; return a finite float")
+        if abs(value) > FLOAT32_MAX:
+            raise ValueError(
+                f"{who}.score returned {value}, which is not finite in float32 (the reward dtype; "
+                f"|score| <= {FLOAT32_MAX:.4g}); return a smaller score"
+            )
         out.append(Score(value, None if reason is None else str(reason)))
     return out
 
