@@ -150,8 +150,14 @@ def _read_file(path: Path, fmt: str) -> Iterator[tuple[str, int, Any]]:
         for i, rec in enumerate(records):
             yield str(path), i + 1, rec
         return
-    with open(path, encoding="utf-8") as fh:
-        for i, line in enumerate(fh):
+    # Bytes, decoded line by line: one badly encoded row is a bad row (named, skippable), not a failed file.
+    with open(path, "rb") as fh:
+        for i, raw in enumerate(fh):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                yield str(path), i + 1, _BadRow("<encoding>", _not_utf8(raw, exc))
+                continue
             if not line.strip():
                 continue
             try:
@@ -161,6 +167,13 @@ def _read_file(path: Path, fmt: str) -> Iterator[tuple[str, int, Any]]:
             if not isinstance(rec, dict | _BadRow):
                 rec = _BadRow("<row>", f"expected a JSON object, got {type(rec).__name__}")
             yield str(path), i + 1, rec
+
+
+def _not_utf8(raw: bytes, exc: UnicodeDecodeError) -> str:
+    return (
+        f"not valid UTF-8 (byte 0x{raw[exc.start]:02x} at byte offset {exc.start}); "
+        "re-encode the file as UTF-8"
+    )
 
 
 def get_field(rec: dict, dotted: str) -> Any:

@@ -139,6 +139,20 @@ def test_skip_mode_counts_bad_rows(tmp_path):
     assert "2 malformed skipped" in rep.summary()
 
 
+def test_non_utf8_row_names_file_and_row_and_skip_skips_it(tmp_path):
+    f = tmp_path / "latin1.jsonl"
+    good = json.dumps({"prompt": "1+1=", "ground_truth": "2"}).encode()
+    bad = '{"prompt": "caf\u00e9 1+1=", "ground_truth": "2"}'.encode("latin-1")  # 0xe9: not UTF-8
+    f.write_bytes(good + b"\n" + bad + b"\n" + good + b"\n")
+    with pytest.raises(DataError) as err:
+        load_split(DataConfig(train_files=[str(f)]), "train")
+    assert f"{f}: row 2: field '<encoding>': not valid UTF-8" in str(err.value)
+    assert "byte 0xe9" in str(err.value) and "on_bad_row='skip'" in str(err.value)
+    rows, rep = load_split(DataConfig(train_files=[str(f)], on_bad_row="skip"), "train")
+    assert [r["id"] for r in rows] == ["latin1-1", "latin1-3"]
+    assert (rep.rows_read, rep.bad_rows, rep.loaded) == (3, 1, 2) and "row 2" in rep.bad_examples[0]
+
+
 def test_prompt_length_filter_counts(tmp_path, char_tok):
     f = _jsonl(tmp_path / "l.jsonl", [{"prompt": "1" * n + "=", "ground_truth": "1"} for n in (3, 8, 9, 20)])
     # lengths with <s>: 5, 10, 11, 22
