@@ -145,18 +145,41 @@ def load_verifier(spec: VerifierSpec | Mapping[str, Any] | str) -> Any:
     try:
         return cls(**spec.options)
     except TypeError as err:
-        try:
-            signature = str(inspect.signature(cls))
-        except (TypeError, ValueError):
-            signature = "(...)"
-        raise VerifierLoadError(
-            f"verifier {spec.name!r}: options {sorted(spec.options)} do not fit {cls.__name__}{signature} ({err}); "
-            "fix verifier.*.options in the config"
-        ) from err
+        raise _options_error(spec, cls, err) from err
     except ValueError as err:
         raise VerifierLoadError(
             f"verifier {spec.name!r}: bad options ({err}); fix verifier.*.options in the config"
         ) from err
+
+
+def _options_error(spec: VerifierSpec, cls: type, err: Exception) -> VerifierLoadError:
+    try:
+        signature = str(inspect.signature(cls))
+    except (TypeError, ValueError):
+        signature = "(...)"
+    return VerifierLoadError(
+        f"verifier {spec.name!r}: options {sorted(spec.options)} do not fit {cls.__name__}{signature} ({err}); "
+        "fix verifier.*.options in the config"
+    )
+
+
+def check_verifiers(config: VerifierConfig) -> None:
+    """Resolve every configured verifier (default and routes) and check its options against its constructor's
+    signature, without constructing it (that happens in the verifier's worker processes). Run before any
+    actor starts, so a typo fails at once; the error names the config field."""
+    named = [("verifier.default", config.default)]
+    named += [(f"verifier.routes.{source}", spec) for source, spec in config.routes.items()]
+    for where, spec in named:
+        try:
+            cls = resolve_verifier_class(spec.name)
+            try:
+                inspect.signature(cls).bind(**spec.options)
+            except TypeError as err:
+                raise _options_error(spec, cls, err) from None
+            except ValueError:  # no introspectable signature: the worker's construction checks it
+                pass
+        except VerifierLoadError as err:
+            raise VerifierLoadError(f"{where}: {err}") from None
 
 
 def coerce_scores(raw: Any, n: int, who: str) -> list[Score]:
