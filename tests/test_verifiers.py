@@ -10,6 +10,7 @@ import os
 import signal
 import sys
 import time
+import uuid
 
 import numpy as np
 import psutil
@@ -54,6 +55,9 @@ class Hostile:
             raise TimeoutException("sympy took too long")
         if response == "nan":
             return [float("nan")]
+        if response.startswith("import:"):  # a plug-in's lazy first import, e.g. of math-verify
+            __import__(response.split(":", 1)[1])
+            return [Score(1.0)]
         if response == "huge":
             return [1e39]  # a finite Python float, but inf as float32 (the actor's score dtype)
         return [Score(float(response == ground_truths[0]), None if response == ground_truths[0] else "wrong")]
@@ -283,6 +287,27 @@ def test_isolation_contains_raise_hang_and_crash():
     assert scorer.restarts == 3 and pids[0] != pid0 and not psutil.pid_exists(pid0)
     assert elapsed < 30, "one hang costs one timeout, not the batch"
     assert not any(psutil.pid_exists(p) for p in pids), "close() leaves no worker behind"
+
+
+def test_a_slow_first_import_does_not_count_against_the_sample(tmp_path, monkeypatch):
+    """A plug-in's first import of a heavy module (math-verify: seconds on a loaded machine) is one-off
+    worker set-up, not the sample's run: it must not turn into a timeout. The limit on imports is the
+    worker's start-up bound, so an import that never finishes is still stopped."""
+    slow, hang = f"covrl_slow_{uuid.uuid4().hex}", f"covrl_hang_{uuid.uuid4().hex}"
+    (tmp_path / f"{slow}.py").write_text("import time\ntime.sleep(3.0)\n")  # 3x the per-sample limit
+    (tmp_path / f"{hang}.py").write_text("import time\ntime.sleep(3600)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))  # the spawned worker inherits sys.path
+    scorer = IsolatedScorer(
+        {"h": VerifierSpec(name=f"{HERE}:Hostile")}, timeout_s=1.0, startup_timeout_s=15.0
+    )
+    try:
+        responses = [f"import:{slow}", "a", f"import:{hang}", "b", "hang", "c"]
+        out = scorer.score(["h"] * 6, [""] * 6, responses, ["x", "a", "x", "b", "x", "c"])
+    finally:
+        scorer.close()
+    assert [o.kind for o in out] == [OK, OK, TIMEOUT, OK, TIMEOUT, OK], [o.reason for o in out]
+    assert "import" in out[2].reason and "15.0 s" in out[2].reason
+    assert out[4].reason == "timeout: no result within 1.0 s"  # the import time is not carried over
 
 
 def test_isolation_two_workers_keep_order():
