@@ -2,7 +2,9 @@
 host process, its memory and its files are untouched and nothing is left running.
 
 Which layers hold on this machine is printed by ``sandbox_capabilities()``; tests that need a layer the
-machine lacks are skipped with that reason (on the reference box, root + unshare, all run).
+machine lacks are skipped with that reason (on the reference box, root + unshare, all run). Where no
+sandbox can be built at all the verifier refuses to run code, and this whole module is skipped saying why
+(``tests/test_verifiers.py`` checks that refusal). docs/sandbox.md tabulates the cases.
 """
 
 from __future__ import annotations
@@ -32,8 +34,10 @@ from pipeline.verifiers.code import (
     sandbox_capabilities,
 )
 
-CAPS = sandbox_capabilities()
-needs_net_ns = pytest.mark.skipif(not CAPS.net_isolated, reason=f"no network namespace here: {CAPS.notes}")
+try:
+    CAPS = sandbox_capabilities()
+except SandboxUnavailable as err:
+    pytest.skip(f"the code sandbox cannot be built here: {err}", allow_module_level=True)
 needs_uid = pytest.mark.skipif(not CAPS.uid_separation, reason="not root: no throw-away sandbox uid")
 
 LIMITS = SandboxLimits(wall_s=5.0, memory_mb=256, max_procs=8)
@@ -181,7 +185,6 @@ def test_cannot_read_parent_secrets(verifier, monkeypatch):
     )
 
 
-@needs_net_ns
 def test_no_network_even_to_localhost(verifier):
     server = socket.socket()
     server.bind(("127.0.0.1", 0))
@@ -228,7 +231,6 @@ def test_background_process_does_not_outlive_the_verifier(verifier):
     assert _host_snapshot()[1] <= children_before
 
 
-@pytest.mark.skipif(not (CAPS.uid_separation and CAPS.pid_namespace), reason="needs root + namespaces")
 def test_shared_temp_dirs_are_private(verifier):
     name = f"covrl-marker-{uuid.uuid4().hex}"
     program = f"for d in ('/tmp', '/var/tmp', '/dev/shm'):\n    open(d + '/{name}', 'w').write('x')\nprint(input().upper())"
@@ -449,13 +451,6 @@ def test_memory_is_bounded_for_the_whole_sandbox(verifier):
     tests = json.dumps({"inputs": [""], "outputs": ["all 4 held 150 MiB at once"]})
     got = _run(verifier, program, tests)
     assert got.score == 0.0 and got.reason.startswith("out of memory on test 0"), got
-
-
-def test_no_isolation_fails_closed():
-    """Where no namespace can be made, the verifier refuses to run code instead of running it in view of
-    the host's files."""
-    with pytest.raises(SandboxUnavailable, match=r"refuses to run them.*unshare\(1\) not found"):
-        probe_capabilities(unshare=None)
 
 
 PYENV = Path(sys.base_prefix) / "bin" / "python3"  # an interpreter whose site-packages lie in its stdlib dir

@@ -326,3 +326,14 @@ def test_isolation_load_error_surfaces_at_start():
         IsolatedScorer(
             {"h": VerifierSpec(name=f"{HERE}:Hostile", options={"fail_init": True})}, timeout_s=1.0
         )
+
+
+def test_code_verifier_without_isolation_fails_closed():
+    """Where no namespace can be made, the code verifier refuses to run code instead of running it in view
+    of the host's files (here: no unshare(1) at all)."""
+    from pipeline.verifiers.code import SandboxUnavailable, probe_capabilities
+
+    with pytest.raises(SandboxUnavailable, match=r"refuses to run them.*unshare\(1\) not found"):
+        probe_capabilities(unshare=None)
+    with pytest.raises(SandboxUnavailable, match=r"refuses to run them.*/bin/false --mount"):
+        probe_capabilities(unshare="/bin/false")  # there, but every namespace is refused

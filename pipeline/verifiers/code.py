@@ -86,9 +86,6 @@ class SandboxCapabilities:
     uid_separation: bool = False  # root: a throw-away uid per run; else a user namespace, no capabilities
     memory_cgroup: MemoryCgroup | None = None
     notes: tuple[str, ...] = field(default_factory=tuple)
-    # Always true once probed (no sandbox runs without them); kept as fields for callers that check.
-    net_isolated: bool = True
-    pid_namespace: bool = True
 
 
 @dataclass(frozen=True)
