@@ -313,6 +313,26 @@ def test_only_the_interpreter_and_its_stdlib_are_visible(caps):
     assert not any("site-packages" in f or "dist-packages" in f for f in seen), "no third-party packages"
 
 
+@pytest.mark.parametrize("caps", _modes())
+def test_cannot_forge_its_report(caps):
+    """The sandbox's PID 1 reports the program's exit status through a pipe. A program that writes a
+    report prefix into that pipe (via /proc/1/fd) would turn PID 1's real report into a nested value of
+    its own "exit 0" one; PID 1 is not dumpable, so its descriptors are out of reach."""
+    program = (
+        "import os, sys\n"
+        "for n in range(3, 16):\n"
+        "    try:\n"
+        "        with open(f'/proc/1/fd/{n}', 'w') as f:\n"
+        '            f.write(\'{"status": 0, "left": 0, "x": \')\n'
+        "        print('forged', n, flush=True)\n"
+        "    except OSError:\n"
+        "        pass\n"
+        "sys.exit(3)\n"
+    )
+    got = run_python(program, limits=LIMITS, caps=caps)
+    assert got.returncode == 3 and "forged" not in got.stdout, got
+
+
 def _world_writable_host_dirs() -> list[str]:
     """Directories on this host any user may create files in (sticky /tmp-like ones included)."""
     out = []
