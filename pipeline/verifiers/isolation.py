@@ -67,13 +67,15 @@ class _ImportClock:
         return self.index >= 0 and not self._depth and not loaded and threading.get_ident() == self._thread
 
     def _run(self, fn: Any, *args: Any) -> Any:
-        self.conn.send(("import", self.index, True))
+        # Timestamps from the shared monotonic clock: the parent may read these late (busy replacing
+        # another worker), and the pause must be what the worker spent importing, not when it was noticed.
+        self.conn.send(("import", self.index, True, time.monotonic()))
         self._depth += 1
         try:
             return fn(*args)
         finally:
             self._depth -= 1
-            self.conn.send(("import", self.index, False))
+            self.conn.send(("import", self.index, False, time.monotonic()))
 
     def _hooked_import(self, name, globals=None, locals=None, fromlist=(), level=0):  # noqa: A002
         module = sys.modules.get(name) if level == 0 else None
@@ -160,15 +162,15 @@ class _Worker:
     def next_sample(self, timeout_s: float, import_s: float) -> None:
         self.deadline, self.paused_at, self.import_left = time.monotonic() + timeout_s, None, import_s
 
-    def importing(self, started: bool) -> None:
-        """Stop the sample's clock while it imports (bounded by what is left of its import budget)."""
-        now = time.monotonic()
+    def importing(self, started: bool, at: float) -> None:
+        """Stop the sample's clock from ``at`` while it imports (bounded by what is left of its import
+        budget); restart it when the import ends."""
         if started and self.paused_at is None:
-            self.own_left, self.paused_at = max(0.0, self.deadline - now), now
-            self.deadline = now + self.import_left
+            self.own_left, self.paused_at = max(0.0, self.deadline - at), at
+            self.deadline = at + self.import_left
         elif not started and self.paused_at is not None:
-            self.import_left = max(0.0, self.import_left - (now - self.paused_at))
-            self.deadline, self.paused_at = now + self.own_left, None
+            self.import_left = max(0.0, self.import_left - (at - self.paused_at))
+            self.deadline, self.paused_at = at + self.own_left, None
 
     def kill(self) -> None:
         """Kill the worker and every process it started (e.g. code sandboxes in their own sessions)."""
@@ -287,7 +289,7 @@ class IsolatedScorer:
                 if index != expected:
                     raise RuntimeError(f"verifier worker answered sample {index}, expected {expected}")
                 if tag == "import":
-                    worker.importing(started=rest[0])
+                    worker.importing(started=rest[0], at=rest[1])
                     continue
                 worker.queue.popleft()
                 kind, score, reason = rest
