@@ -302,10 +302,11 @@ def _kill_sandbox(proc: subprocess.Popen) -> None:
             init.kill()
         except psutil.Error:
             pass
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        pass
+    if inits:
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            pass
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:
