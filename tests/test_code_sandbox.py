@@ -349,9 +349,9 @@ def _world_writable_host_dirs() -> list[str]:
 
 
 def test_no_writable_path_is_shared_with_the_host():
-    """The program tries every world-writable directory of the host (/run/lock was writable and kept what
-    the sandbox wrote) and every directory it can see; whatever it manages to write must be private to
-    the run and gone afterwards."""
+    """The program tries every world-writable directory of the host (e.g. /run/lock, sticky and shared by
+    every user) and every directory it can see; whatever it manages to write must be private to the run
+    and gone afterwards."""
     shared = _world_writable_host_dirs()
     assert "/tmp" in shared
     marker = f"covrl-marker-{uuid.uuid4().hex}"

@@ -9,7 +9,7 @@ import math
 from pipeline.progress import Progress
 from pipeline.summary import print_summary, summarize_run
 
-# The default job's fit that printed "ceiling 1.101": -a + b above 1, not an accuracy.
+# A fit like the default job's: -a + b = 1.101, above 1, so not an accuracy.
 A, B, H = 5.76, 6.861, 0.05
 FIT_AT_H = -A * math.exp(H) + B
 
