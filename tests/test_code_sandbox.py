@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import socket
+import subprocess
 import sys
 import tempfile
 import time
@@ -500,3 +501,55 @@ def test_site_packages_inside_the_stdlib_dir_are_hidden():
     )
     got = run_python(program, limits=LIMITS, caps=caps)
     assert got.stdout.splitlines() == ["[]", "no pytest", "stdlib ok"], got
+
+
+def _runs_main(proc: psutil.Process) -> bool:
+    try:
+        return proc.cmdline()[-2:] == ["-I", "main.py"]
+    except psutil.Error:  # gone, or a zombie, meanwhile
+        return False
+
+
+def test_a_killed_verifier_takes_its_sandbox_with_it():
+    """A verifier process killed mid-run (e.g. its Ray actor killed) must not leave the submission running:
+    a program that sleeps for an hour would otherwise live on, unwatched. The run's host-side folder and
+    cgroup are removed by the next sandbox probe (as when a verifier worker starts)."""
+    start = (
+        "from pipeline.verifiers.code import SandboxLimits, run_python, sandbox_capabilities\n"
+        "sandbox_capabilities()\n"
+        "print('probed', flush=True)\n"
+        "run_python('import time\\ntime.sleep(3600)', limits=SandboxLimits(wall_s=3600, cpu_s=3600))\n"
+    )
+    root = Path(__file__).resolve().parent.parent
+    verifier = subprocess.Popen(
+        [sys.executable, "-c", start],
+        cwd=root,
+        env=dict(os.environ, PYTHONPATH=str(root)),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    sandboxed: list[psutil.Process] = []
+    try:
+        assert verifier.stdout.readline() == "probed\n"  # its probe run is over: the next one is ours
+        deadline = time.monotonic() + 120
+        while not sandboxed and time.monotonic() < deadline:  # wait until the program runs
+            time.sleep(0.1)
+            sandboxed = [p for p in psutil.Process(verifier.pid).children(recursive=True) if _runs_main(p)]
+        assert sandboxed, "the sandboxed program started"
+        runs = [p for p in Path(tempfile.gettempdir()).glob(f"covrl-sbx-{verifier.pid}-*")]
+        assert len(runs) == 1
+        verifier.kill()
+        verifier.wait()
+        _, alive = psutil.wait_procs(sandboxed, timeout=30)
+        assert alive == [], "the sandbox ended with its verifier"
+        code_module.remove_stale_runs()
+        assert not runs[0].exists()
+        if CAPS.memory_cgroup is not None:
+            assert list(Path(CAPS.memory_cgroup.parent).glob(f"covrl-sbx-{verifier.pid}-*")) == []
+    finally:
+        for proc in sandboxed:
+            try:
+                proc.kill()
+            except psutil.Error:
+                pass
+        verifier.kill()

@@ -49,7 +49,7 @@ from typing import Any
 
 from pipeline.verifiers import sandbox_fs
 from pipeline.verifiers.base import Score, Verifier, register_verifier
-from pipeline.verifiers.sandbox_cgroup import MemoryCgroup, find_memory_cgroup
+from pipeline.verifiers.sandbox_cgroup import MemoryCgroup, find_memory_cgroup, owner_pid, run_prefix
 
 _BOOT = (Path(__file__).with_name("sandbox_boot.py")).read_text()
 _NAMESPACES = ("--mount", "--net", "--ipc", "--pid", "--fork", "--kill-child")
@@ -145,11 +145,12 @@ def probe_capabilities(
     None tries plain namespaces as root and a user namespace otherwise; True/False forces one.
     """
     root = os.geteuid() == 0
+    cgroup = find_memory_cgroup()
+    remove_stale_runs(cgroup)
     use_userns = (not root) if user_namespace is None else user_namespace
     interp = _interpreter(python, as_other_uid=root and not use_userns)
     plan = tuple(sandbox_fs.root_plan(sandbox_fs.interpreter_layout(interp)))
     unshare = shutil.which("unshare") if unshare == "auto" else unshare
-    cgroup = find_memory_cgroup()
     notes = []
     if cgroup is None:
         notes.append(
@@ -187,6 +188,31 @@ def probe_capabilities(
     )
 
 
+def remove_stale_runs(cgroup: MemoryCgroup | None = None) -> None:
+    """Remove the host folders and cgroups of runs whose verifier process died mid-run (SIGKILL: its
+    cleanup never ran; the sandbox itself ended with it). Only those of dead owner pids are touched, so
+    concurrent verifiers' runs are safe."""
+    cgroup = cgroup or find_memory_cgroup()
+    places = [(tempfile.gettempdir(), lambda p: shutil.rmtree(p, ignore_errors=True))]
+    if cgroup is not None:
+        places.append((cgroup.parent, cgroup.remove))
+    for folder, remove in places:
+        for path in Path(folder).glob("covrl-sbx-*-*"):
+            pid = owner_pid(path.name)
+            if pid is not None and not _alive(pid):
+                remove(str(path))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
+
+
 def _read(path: str, limit: int) -> str:
     with open(path, "rb") as f:
         return f.read(limit).decode("utf-8", errors="replace")
@@ -206,7 +232,7 @@ def run_python(
 
 def _launch(caps: SandboxCapabilities, source: str, stdin: str, limits: SandboxLimits) -> RunResult:
     uid = _fresh_uid() if caps.uid_separation else None
-    private = tempfile.mkdtemp(prefix="covrl-sbx-")  # host side, 0700: source, stdin, output, mount stage
+    private = tempfile.mkdtemp(prefix=run_prefix())  # host side, 0700: source, stdin, output, mount stage
     report_r, report_w = os.pipe()
     cgroup = None
     try:

@@ -16,7 +16,8 @@ Steps (any failure before the program starts reports ``error`` and nothing is ru
 4. ``pivot_root`` into it and detach the host's root: no path leads back to host files.
 5. Drop to the throw-away uid (as root) or drop every capability (user namespace); no new privileges,
    not dumpable (so the program cannot open this process's report pipe through /proc).
-6. Fork the program, wait, count what it left behind (every other PID here), report as JSON.
+6. Fork the program, wait, count what it left behind (every other PID here), report as JSON; if the
+   verifier process dies first, end the run at once instead.
 """
 
 import ctypes
@@ -24,7 +25,9 @@ import json
 import os
 import platform
 import resource
+import select
 import sys
+import threading
 
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
 MS_REMOUNT, MS_BIND, MS_NOATIME, MS_NODIRATIME, MS_RELATIME = 32, 4096, 1024, 2048, 1 << 21
@@ -133,6 +136,15 @@ def drop_privileges(uid):
     libc.prctl(PR_SET_PDEATHSIG, 9, 0, 0, 0)  # die with the launcher
 
 
+def exit_with_the_verifier(fd):
+    """Step 6 guard: end the run (PID 1's exit kills the namespace) when the verifier is gone. Only the
+    verifier holds the report pipe's read end, so its death makes this write end report an error."""
+    watch = select.poll()
+    watch.register(fd, 0)  # POLLERR / POLLHUP are always reported
+    watch.poll()
+    os._exit(1)
+
+
 def report(fd, payload):
     os.write(fd, json.dumps(payload).encode())
     os._exit(0)
@@ -152,6 +164,7 @@ def main():
         drop_privileges(cfg["uid"])
     except Exception as err:  # noqa: BLE001 - the program must not run in a half-built sandbox
         report(fd, {"error": f"{type(err).__name__}: {err}"})
+    threading.Thread(target=exit_with_the_verifier, args=(fd,), daemon=True).start()
     pid = os.fork()
     if pid == 0:
         try:

@@ -25,8 +25,9 @@ class MemoryCgroup:
     parent: str
 
     def create(self, limit_bytes: int) -> str:
-        """A fresh child cgroup limited to ``limit_bytes`` of memory (no swap); returns its directory."""
-        path = os.path.join(self.parent, f"covrl-sbx-{secrets.token_hex(6)}")
+        """A fresh child cgroup limited to ``limit_bytes`` of memory (no swap); returns its directory. Its
+        name carries this process's pid (``run_prefix``), so one left by a killed process can be found."""
+        path = os.path.join(self.parent, run_prefix() + secrets.token_hex(6))
         os.mkdir(path)
         try:
             if self.version == 2:
@@ -66,6 +67,19 @@ class MemoryCgroup:
                 return
             except OSError:
                 time.sleep(0.01)
+
+
+def run_prefix(pid: int | None = None) -> str:
+    """Name prefix of the runs (host folders, cgroups) of process ``pid`` (default: this one)."""
+    return f"covrl-sbx-{os.getpid() if pid is None else pid}-"
+
+
+def owner_pid(name: str) -> int | None:
+    """The pid in a ``run_prefix`` name, or None for any other name."""
+    parts = os.path.basename(name).split("-")
+    if len(parts) < 4 or parts[:2] != ["covrl", "sbx"] or not parts[2].isdigit():
+        return None
+    return int(parts[2])
 
 
 def _write(path: str, value: str) -> None:
