@@ -116,15 +116,18 @@ def _interpreter(python: str | None, as_other_uid: bool) -> str:
     """The first candidate interpreter the sandbox can run (for a throw-away uid its files must be
     world-readable)."""
     uid = _fresh_uid()
-    root = as_other_uid
-    who = {"user": uid, "group": uid, "extra_groups": []} if root else {}
+    who = {"user": uid, "group": uid, "extra_groups": []} if as_other_uid else {}
     check = ["-I", "-S", "-c", "print('ok')"]
     candidates = [python] if python else [sys.executable, "/usr/bin/python3", "/usr/local/bin/python3"]
     interp = next((c for c in candidates if c and os.path.exists(c) and _probe([c, *check], **who)), None)
     if interp is None:
         raise SandboxUnavailable(
             f"no Python interpreter among {candidates} is executable by the sandbox user"
-            + (f" (uid {uid}: the interpreter and its directories must be world-readable)" if root else "")
+            + (
+                f" (uid {uid}: the interpreter and its directories must be world-readable)"
+                if as_other_uid
+                else ""
+            )
             + "; pass the code verifier option python='/usr/bin/python3' or install one system-wide"
         )
     return interp
@@ -139,10 +142,11 @@ def sandbox_capabilities(python: str | None = None) -> SandboxCapabilities:
 def probe_capabilities(
     python: str | None = None, *, unshare: str | None = "auto", user_namespace: bool | None = None
 ) -> SandboxCapabilities:
-    """Build a sandbox with each way this machine may allow and keep the first that runs a program.
+    """Build a sandbox the way this machine allows (plain namespaces as root, a user namespace otherwise),
+    check that it runs a program, and return how; raise ``SandboxUnavailable`` saying what failed.
 
-    ``unshare``: the unshare(1) binary ("auto": from PATH; None: pretend there is none). ``user_namespace``:
-    None tries plain namespaces as root and a user namespace otherwise; True/False forces one.
+    ``unshare``: the unshare(1) binary ("auto": from PATH; None: as if there were none). ``user_namespace``:
+    True/False forces the mode. Also removes the runs that verifiers killed mid-run left behind.
     """
     root = os.geteuid() == 0
     cgroup = find_memory_cgroup()
@@ -183,8 +187,9 @@ def probe_capabilities(
         "mount, PID and network namespaces (unshare(1) as root, or unprivileged user namespaces) — "
         + "; ".join(failures)
         + ". Run the verifier as root or in a container that allows unshare (e.g. docker --privileged or "
-        "a seccomp profile allowing unshare/mount/pivot_root), or enable user namespaces "
-        "(sysctl kernel.unprivileged_userns_clone=1)."
+        "a seccomp profile allowing unshare/mount/pivot_root), or enable unprivileged user namespaces "
+        "(sysctl kernel.unprivileged_userns_clone=1; on Ubuntu 24.04+ "
+        "kernel.apparmor_restrict_unprivileged_userns=0)."
     )
 
 
