@@ -7,8 +7,10 @@ and handing weights to the generators.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -18,6 +20,60 @@ from schemas.batches import LearnerStats, TrainBatch
 
 if TYPE_CHECKING:
     from schemas.run_config import AlgorithmConfig, LearnerConfig, WeightSyncConfig
+
+
+class LearnerStartError(RuntimeError):
+    """The learner could not start; the message names what it waited for and how to fix it."""
+
+
+def _lock_message(path: str, waited_s: float) -> str:
+    # One line: Ray's RoleStartError quotes the last line of the actor's traceback.
+    return (
+        f"learner: waited {waited_s:.0f} s (learner.start_timeout_s) for the build lock {path} of a "
+        "JIT-compiled extension (DeepSpeed's CPU communication op). Either another process is building it "
+        "(let it finish, or raise learner.start_timeout_s), or a start was killed mid-build and left the "
+        f"lock behind: then remove it (rm {path}) and build the op once with `bash scripts/setup.sh`"
+    )
+
+
+@contextlib.contextmanager
+def bounded_build_locks(timeout_s: float) -> Iterator[None]:
+    """Within this block, waiting for a torch JIT-extension build lock gives up after ``timeout_s``.
+
+    torch's ``FileBaton.wait`` polls the lock file forever, and a build killed mid-way leaves that file
+    behind, so every later learner would hang silently in ``__init__``. The lock is never removed here:
+    it may belong to a live build in another process (or on another node sharing the folder).
+    """
+    from torch.utils.file_baton import FileBaton
+
+    unbounded = FileBaton.wait
+
+    def wait(baton: FileBaton) -> None:
+        start = time.monotonic()
+        while os.path.exists(baton.lock_file_path):
+            if time.monotonic() - start >= timeout_s:
+                raise LearnerStartError(_lock_message(baton.lock_file_path, timeout_s))
+            time.sleep(baton.wait_seconds)
+
+    FileBaton.wait = wait
+    try:
+        yield
+    finally:
+        FileBaton.wait = unbounded
+
+
+def build_comm_op(timeout_s: float = 600.0) -> str | None:
+    """Compile (or find compiled) DeepSpeed's CPU shared-memory communication op, as ``scripts/setup.sh``
+    does, so no learner compiles it at start. Returns the built library's path; None where DeepSpeed uses
+    no such op (e.g. GPU accelerators)."""
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
+        return None
+    with bounded_build_locks(timeout_s):
+        return builder.load().__file__
 
 
 def deepspeed_config(cfg: LearnerConfig) -> dict[str, Any]:
@@ -107,13 +163,14 @@ class Learner:
         torch.manual_seed(seed)
         self.cfg, self.algo, self.rank, self.world_size = cfg, algo, rank, world_size
         self.seed, self.temperature, self.version = seed, temperature, 0
-        deepspeed.init_distributed(dist_backend="nccl" if gpu else "gloo", auto_mpi_discovery=False)
-        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
-        self.engine, *_ = deepspeed.initialize(
-            model=model,
-            model_parameters=[p for p in model.parameters() if p.requires_grad],
-            config=deepspeed_config(cfg),
-        )
+        with bounded_build_locks(cfg.start_timeout_s):  # DeepSpeed may JIT-build ops in both calls
+            deepspeed.init_distributed(dist_backend="nccl" if gpu else "gloo", auto_mpi_discovery=False)
+            model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+            self.engine, *_ = deepspeed.initialize(
+                model=model,
+                model_parameters=[p for p in model.parameters() if p.requires_grad],
+                config=deepspeed_config(cfg),
+            )
         self._deepspeed = deepspeed
         self.governor = None  # lends cores to a co-located generator (async mode, actors/core_share.py)
         twg = cfg.threads_while_generating

@@ -1,7 +1,8 @@
 """Prompt datasets: JSONL/Parquet loading, column mapping, chat templates, length filter, resumable stream.
 
 What: ``load_split`` turns files (or the built-in synthetic task when ``data.train_files`` is empty) into
-rows ``{prompt, ground_truth, data_source, id}`` with the prompt rendered to the text the generator sees,
+rows ``{prompt, ground_truth, data_source, id, extra}`` with the prompt rendered to the text the generator sees
+(``extra``: the row's ``extra_info`` / ``extra`` dict, handed to its verifier as the sample's extras),
 plus a ``LoadReport`` of what was read, skipped and filtered. ``PromptStream`` serves batches in a
 deterministic per-epoch order and resumes exactly from ``state_dict()``.
 
@@ -26,6 +27,7 @@ from schemas.data_config import DataConfig
 _JSONL_EXT = {".jsonl", ".json", ".ndjson"}
 _PARQUET_EXT = {".parquet", ".pq"}
 _GT_FALLBACKS = ("ground_truth", "reward_model.ground_truth")
+_EXTRA_KEYS = ("extra_info", "extra")  # verl's name first
 _MISSING = object()
 
 
@@ -150,8 +152,14 @@ def _read_file(path: Path, fmt: str) -> Iterator[tuple[str, int, Any]]:
         for i, rec in enumerate(records):
             yield str(path), i + 1, rec
         return
-    with open(path, encoding="utf-8") as fh:
-        for i, line in enumerate(fh):
+    # Bytes, decoded line by line: one badly encoded row is a bad row (named, skippable), not a failed file.
+    with open(path, "rb") as fh:
+        for i, raw in enumerate(fh):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                yield str(path), i + 1, _BadRow("<encoding>", _not_utf8(raw, exc))
+                continue
             if not line.strip():
                 continue
             try:
@@ -161,6 +169,13 @@ def _read_file(path: Path, fmt: str) -> Iterator[tuple[str, int, Any]]:
             if not isinstance(rec, dict | _BadRow):
                 rec = _BadRow("<row>", f"expected a JSON object, got {type(rec).__name__}")
             yield str(path), i + 1, rec
+
+
+def _not_utf8(raw: bytes, exc: UnicodeDecodeError) -> str:
+    return (
+        f"not valid UTF-8 (byte 0x{raw[exc.start]:02x} at byte offset {exc.start}); "
+        "re-encode the file as UTF-8"
+    )
 
 
 def get_field(rec: dict, dotted: str) -> Any:
@@ -214,8 +229,30 @@ def _normalize(rec: dict, cfg: DataConfig, tokenizer: Any, *, default_id: str) -
         "ground_truth": str(gt),
         "data_source": source,
         "id": str(rid) if isinstance(rid, str | int) and not isinstance(rid, bool) else default_id,
+        "extra": _extras(rec),
     }
     return row, templated
+
+
+def _extras(rec: dict) -> dict:
+    """The row's free fields for its verifier: verl's ``extra_info`` and covrl's ``extra``, merged.
+
+    A key in both with different values is refused rather than one silently winning.
+    """
+    out: dict = {}
+    for key in _EXTRA_KEYS:
+        value = rec.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, dict):
+            raise _BadRow(
+                key, f"expected an object (dict) of extras for the verifier, got {type(value).__name__}"
+            )
+        clash = sorted(k for k in value if k in out and out[k] != value[k])
+        if clash:
+            raise _BadRow(key, f"keys {clash} are also in {_EXTRA_KEYS[0]!r} with other values")
+        out.update(value)
+    return out
 
 
 def _check_prompt(prompt: Any, key: str) -> None:

@@ -1,11 +1,22 @@
 """Live progress: one line per step with the numbers a researcher watches (reward, entropy, accuracy,
-the law's predicted ceiling) and an ETA; warnings (collapse, surge) printed as they happen."""
+the law's fit at the current entropy) and an ETA; warnings (collapse, surge) printed as they happen.
+
+The law's ceiling ``b - a`` (its extrapolation to H = 0) is not printed here: it can exceed 1 and read
+as an accuracy it is not. The fitted ``R(H)`` at the step's own entropy is on the accuracy scale."""
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from typing import Any, TextIO
+
+
+def law_at(row: dict[str, Any], entropy: float | None) -> float | None:
+    """The fitted ``R = -a exp(H) + b`` of ``row`` at ``entropy`` (None without a fit or an entropy)."""
+    if entropy is None or "law/a" not in row or "law/b" not in row:
+        return None
+    return -row["law/a"] * math.exp(entropy) + row["law/b"]
 
 
 class Progress:
@@ -25,8 +36,9 @@ class Progress:
         ]
         if "eval/pass@1" in row:
             parts.append(f"eval pass@1 {row['eval/pass@1']:.3f}")
-        if "law/ceiling" in row:
-            parts.append(f"ceiling {row['law/ceiling']:.3f}")
+        fit = law_at(row, row.get("entropy/mean"))
+        if fit is not None:
+            parts.append(f"law R(H) {fit:.3f}")
         if "cov/mean" in row:
             parts.append(f"cov {row['cov/mean']:.3g}")
         parts.append(f"{row.get('time/step', 0.0):.1f}s/step  eta {eta / 60:.1f} min")

@@ -508,7 +508,7 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"{s['label']:<24} entropy {_fmt(s['entropy_start'])} -> {_fmt(s['entropy_end'])}   "
             f"pass@1 {_fmt(s['accuracy_start'], '.3f')} -> {_fmt(s['accuracy_end'], '.3f')}   "
-            f"ceiling {_fmt(law['ceiling'], '.3f')}"
+            f"law b-a {_fmt(law['ceiling'], '.3f')} at H=0 (extrapolated, not an accuracy)"
         )
     print(f"report written to {result['out_dir']}/summary.md")
     return 0

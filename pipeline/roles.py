@@ -202,7 +202,9 @@ def _start(
         ]
     _wait_ready("verifier", roles.verifiers, timeout_s)
     _wait_ready("reference", roles.references, timeout_s)
-    _wait_ready("learner", roles.learners, timeout_s)
+    # The learner bounds its own waits (learner.start_timeout_s) and then names what it waited for: give
+    # it room to say so before this generic bound fires.
+    _wait_ready("learner", roles.learners, max(timeout_s, cfg.learner.start_timeout_s + 120))
     _wait_ready("generator", roles.generators, timeout_s)
 
 

@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from pipeline.progress import law_at
+
 TIME_KEYS = (
     "time/generate",
     "time/verify",
@@ -41,13 +43,20 @@ def summarize_run(run_dir: str | Path, *, wall_s: float | None = None) -> dict[s
         "entropy_after": last.get("entropy/after_update", last.get("entropy/mean")),
         "reward_first": rows[0].get("reward/mean"),
         "reward_last": last.get("reward/mean"),
-        "law": {
-            k.split("/")[1]: law_row[k] for k in ("law/a", "law/b", "law/r2", "law/ceiling") if k in law_row
-        },
+        "law": _law(law_row),
         "entropy_change_correlation": last.get("entropy/change_correlation"),
         "mean_seconds": {k.split("/")[1]: _mean(rows, k) for k in TIME_KEYS if any(k in r for r in rows)},
     }
     return out
+
+
+def _law(row: dict[str, Any]) -> dict[str, Any]:
+    """The last fit, with its value at that step's entropy (``fit_at_final_entropy``, accuracy scale)."""
+    law = {k.split("/")[1]: row[k] for k in ("law/a", "law/b", "law/r2", "law/ceiling") if k in row}
+    if law:
+        law["entropy"] = row.get("entropy/mean")
+        law["fit_at_final_entropy"] = law_at(row, row.get("entropy/mean"))
+    return law
 
 
 def _mean(rows: list[dict[str, Any]], key: str) -> float:
@@ -66,8 +75,11 @@ def print_summary(s: dict[str, Any]) -> None:
     print(f"token entropy      {f(s.get('entropy_before'), '.4f')} -> {f(s.get('entropy_after'), '.4f')}")
     if s.get("law"):
         law = s["law"]
+        # b-a is the curve at H=0, outside the measured range: labelled so it is not read as an accuracy.
         print(
-            f"law R=-a*exp(H)+b  a={f(law.get('a'))} b={f(law.get('b'))} R2={f(law.get('r2'))} ceiling={f(law.get('ceiling'))}"
+            f"law R=-a*exp(H)+b  a={f(law.get('a'))} b={f(law.get('b'))} R2={f(law.get('r2'))}  "
+            f"R(H={f(law.get('entropy'), '.4f')}) {f(law.get('fit_at_final_entropy'))}  "
+            f"b-a {f(law.get('ceiling'))} at H=0 (extrapolated, not an accuracy)"
         )
     if s.get("mean_seconds"):
         print("mean seconds/step  " + "  ".join(f"{k} {v:.2f}" for k, v in s["mean_seconds"].items()))

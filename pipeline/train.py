@@ -86,6 +86,7 @@ def prepare(args: argparse.Namespace) -> tuple[RunConfig, Path, str, Any, Any, l
     """Everything that can fail on bad input, before Ray or any actor starts."""
     from pipeline import checkpoint as ckpt
     from pipeline.data import PromptStream, load_split
+    from pipeline.verifiers.base import VerifierLoadError, check_verifiers
 
     resume_state = None
     if args.resume:
@@ -101,6 +102,10 @@ def prepare(args: argparse.Namespace) -> tuple[RunConfig, Path, str, Any, Any, l
     else:
         cfg = load_config(args.config, args.set)
         run_dir = new_run_dir(cfg)
+    try:
+        check_verifiers(cfg.verifier)
+    except VerifierLoadError as err:
+        raise InputError(str(err)) from None
     model_path = resolve_model(cfg)
     tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code)
     train_rows, train_report = load_split(cfg.data, "train", tokenizer=tokenizer)

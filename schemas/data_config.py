@@ -90,7 +90,10 @@ class TinyModelConfig(Strict):
 
 
 class DataConfig(Strict):
-    """Where prompts come from and how rows map to (prompt, ground truth, data source)."""
+    """Where prompts come from and how rows map to (prompt, ground truth, data source).
+
+    A row's ``extra_info`` (verl's name) and ``extra`` objects, merged, reach its verifier as the sample's
+    ``extras`` dict (e.g. a code task's test cases); any other value there is a malformed row."""
 
     train_files: list[str] = Field(
         default_factory=list,

@@ -183,6 +183,14 @@ class LearnerConfig(Strict):
         "None = always `threads`. No effect in sync mode, where the roles never overlap.",
     )
     dtype: Literal["float32", "bfloat16"] = "float32"
+    start_timeout_s: float = Field(
+        300.0,
+        gt=0,
+        description="Longest a starting learner waits for a JIT-extension build lock held elsewhere "
+        "(DeepSpeed's CPU communication op: another process compiling it, or a lock left by a start killed "
+        "mid-build); it then fails naming the lock file and how to clear it. scripts/setup.sh builds the op "
+        "ahead of time, so a normal start takes the lock only briefly.",
+    )
     max_bad_steps: int = Field(3, ge=1, description="Stop after this many consecutive non-finite updates.")
     measure_entropy_change_every: int = Field(
         1,

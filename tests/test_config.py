@@ -13,8 +13,11 @@ CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").rglob("*.y
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
 def test_every_shipped_config_parses(path):
+    from pipeline.verifiers.base import check_verifiers
+
     cfg = load_config(path)
     assert isinstance(cfg, RunConfig)
+    check_verifiers(cfg.verifier)  # every verifier it names exists and takes its options
 
 
 def test_override_by_dotted_path_and_yaml_scalars():
@@ -92,7 +95,66 @@ def test_cli_exits_nonzero_before_starting_anything(tmp_path):
     assert missing.returncode == 2 and "no such directory" in missing.stderr
 
 
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        (
+            "verifier.default={name: 'no_such_pkg.mod:Thing'}",
+            "verifier.default: cannot import module 'no_such_pkg.mod'",
+        ),
+        (
+            "verifier.routes={gsm: {name: maths}}",
+            "verifier.routes.gsm: unknown verifier 'maths'; registered:",
+        ),
+        (
+            "verifier.routes={gsm: {name: numeric, options: {tolerance: 1}}}",
+            "verifier.routes.gsm: verifier 'numeric': options ['tolerance'] do not fit NumericVerifier",
+        ),
+    ],
+)
+def test_unknown_verifier_fails_before_ray_starts(override, needle):
+    """A verifier that cannot be found (default or a route) is bad input: exit 2 naming the config field,
+    before Ray or any actor starts (not when the verifier actor first loads it)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, ray; from pipeline.train import main; rc = main(sys.argv[1:]); "
+        "sys.exit(rc + (100 if ray.is_initialized() else 0))"
+    )
+    res = subprocess.run(
+        [sys.executable, "-c", code, "--set", override],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert needle in res.stderr, res.stderr[-2000:]
+
+
 def test_async_core_lending_that_oversubscribes_warns():
     lend = ["schedule.mode=async", "learner.threads=2", "learner.threads_while_generating=1"]
     assert any("oversubscribed" in w for w in load_config(None, [*lend, "generator.threads=2"]).warnings())
     assert not load_config(None, [*lend, "generator.threads=1"]).warnings()
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "learner.lr=inf",
+        "learner.lr=.nan",
+        "learner.grad_clip=.inf",
+        "algorithm.policy_loss.clip_cov_ub=inf",
+        "algorithm.policy_loss.clip_cov_lb=-inf",
+        "verifier.timeout_s=nan",
+        "generator.resources.custom={gen_node: .inf}",
+        "schedule.eval_temperature=inf",
+        "model.tiny.max_seconds=inf",
+    ],
+)
+def test_non_finite_floats_are_rejected_naming_the_field(override):
+    field = override.split("=")[0]
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert f"{field}" in str(e.value) and "finite number" in str(e.value)

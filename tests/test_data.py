@@ -53,9 +53,9 @@ def test_jsonl_common_columns(tmp_path):
     )
     rows, rep = load_split(DataConfig(train_files=[f]), "train")
     assert rows == [
-        {"prompt": "1+2=", "ground_truth": "3", "data_source": "arithmetic", "id": "x"},
-        {"prompt": "2+2=", "ground_truth": "4", "data_source": "unknown", "id": "a-3"},
-        {"prompt": "3+3=", "ground_truth": "6", "data_source": "unknown", "id": "a-4"},
+        {"prompt": "1+2=", "ground_truth": "3", "data_source": "arithmetic", "id": "x", "extra": {}},
+        {"prompt": "2+2=", "ground_truth": "4", "data_source": "unknown", "id": "a-3", "extra": {}},
+        {"prompt": "3+3=", "ground_truth": "6", "data_source": "unknown", "id": "a-4", "extra": {}},
     ]
     assert (rep.rows_read, rep.loaded, rep.bad_rows, rep.too_long) == (3, 3, 0, 0)
     eval_rows, eval_rep = load_split(DataConfig(train_files=[f]), "eval")
@@ -112,6 +112,9 @@ def test_chat_prompts_with_and_without_template(tmp_path):
         ({"prompt": "1+1=", "ground_truth": ["2"]}, 2, "ground_truth"),
         ({"prompt": "1+1=", "ground_truth": "2", "data_source": 3}, 2, "data_source"),
         ("[1, 2]", 2, "<row>"),
+        ({"prompt": "1+1=", "ground_truth": "2", "extra_info": [1]}, 2, "extra_info"),
+        ({"prompt": "1+1=", "ground_truth": "2", "extra": "tests"}, 2, "extra"),
+        ({"prompt": "1+1=", "ground_truth": "2", "extra": {"k": 1}, "extra_info": {"k": 2}}, 2, "extra"),
     ],
 )
 def test_bad_row_error_names_file_row_field(tmp_path, bad, row_no, field):
@@ -137,6 +140,57 @@ def test_skip_mode_counts_bad_rows(tmp_path):
     assert (rep.rows_read, rep.bad_rows, rep.loaded) == (4, 2, 2)
     assert "row 2" in rep.bad_examples[0] and "row 3" in rep.bad_examples[1]
     assert "2 malformed skipped" in rep.summary()
+
+
+def test_non_utf8_row_names_file_and_row_and_skip_skips_it(tmp_path):
+    f = tmp_path / "latin1.jsonl"
+    good = json.dumps({"prompt": "1+1=", "ground_truth": "2"}).encode()
+    bad = '{"prompt": "caf\u00e9 1+1=", "ground_truth": "2"}'.encode("latin-1")  # 0xe9: not UTF-8
+    f.write_bytes(good + b"\n" + bad + b"\n" + good + b"\n")
+    with pytest.raises(DataError) as err:
+        load_split(DataConfig(train_files=[str(f)]), "train")
+    assert f"{f}: row 2: field '<encoding>': not valid UTF-8" in str(err.value)
+    assert "byte 0xe9" in str(err.value) and "on_bad_row='skip'" in str(err.value)
+    rows, rep = load_split(DataConfig(train_files=[str(f)], on_bad_row="skip"), "train")
+    assert [r["id"] for r in rows] == ["latin1-1", "latin1-3"]
+    assert (rep.rows_read, rep.bad_rows, rep.loaded) == (3, 1, 2) and "row 2" in rep.bad_examples[0]
+
+
+def test_row_extras_reach_the_verifier(tmp_path, char_tok):
+    """verl's ``extra_info`` and covrl's ``extra`` become the sample's extras dict: here the code verifier's
+    tests live only there (the ground truth is a placeholder), so a correct program scores 1 only if they
+    arrive."""
+    from actors.verifier import VerifierWorker
+    from pipeline.driver import encode_prompts
+    from schemas.verifier_config import VerifierConfig, VerifierSpec
+
+    tests = {"inputs": ["2 3\n"], "outputs": ["5"]}
+    f = _jsonl(
+        tmp_path / "code.jsonl",
+        [
+            {"prompt": "1+1=", "ground_truth": "-", "data_source": "apps", "extra_info": {"tests": tests}},
+            {"prompt": "1+2=", "ground_truth": "-", "data_source": "apps", "extra": {"tests": tests, "n": 1}},
+            {"prompt": "1+3=", "ground_truth": "-", "extra_info": {"split": "a"}, "extra": {"n": 2}},
+            {"prompt": "1+4=", "ground_truth": "-", "extra_info": None},
+        ],
+    )
+    rows, _ = load_split(DataConfig(train_files=[f]), "train")
+    assert [r["extra"] for r in rows] == [
+        {"tests": tests},
+        {"tests": tests, "n": 1},
+        {"split": "a", "n": 2},
+        {},
+    ]
+    batch = encode_prompts([dict(r, index=i) for i, r in enumerate(rows[:2])], char_tok, step=1)
+    worker = VerifierWorker(VerifierConfig(default=VerifierSpec(name="code", options={"wall_s": 5.0})))
+    try:
+        program = "a, b = map(int, input().split())\nprint(a + b)"
+        scores, reasons, _ = worker.score(
+            batch.texts, [program] * 2, batch.ground_truths, batch.data_sources, batch.extras
+        )
+    finally:
+        worker.close()
+    assert scores.tolist() == [1.0, 1.0], reasons
 
 
 def test_prompt_length_filter_counts(tmp_path, char_tok):

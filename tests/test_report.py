@@ -144,7 +144,12 @@ def test_labels_and_default_out(two_runs, capsys):
     assert main([str(tmp / "run_ppo"), str(tmp / "run_clip"), "--out", str(out), "--labels", "A,B"]) == 0
     summ = json.loads((out / "summary.json").read_text())
     assert [r["label"] for r in summ["runs"]] == ["A", "B"]
-    assert "summary.md" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "summary.md" in printed
+    # The extrapolated ceiling can exceed 1: printed next to pass@1 it must not read as an accuracy.
+    run_lines = [line for line in printed.splitlines() if "pass@1" in line]
+    assert len(run_lines) == 2 and all("b-a" in x and "not an accuracy" in x for x in run_lines)
+    assert "ceiling" not in printed
     # one run, no --out: RUN_DIR/report
     assert main([str(tmp / "run_ppo")]) == 0
     assert (tmp / "run_ppo" / "report" / "summary.md").is_file()

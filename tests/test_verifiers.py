@@ -10,6 +10,7 @@ import os
 import signal
 import sys
 import time
+import uuid
 
 import numpy as np
 import psutil
@@ -54,6 +55,11 @@ class Hostile:
             raise TimeoutException("sympy took too long")
         if response == "nan":
             return [float("nan")]
+        if response.startswith("import:"):  # a plug-in's lazy first import, e.g. of math-verify
+            __import__(response.split(":", 1)[1])
+            return [Score(1.0)]
+        if response == "huge":
+            return [1e39]  # a finite Python float, but inf as float32 (the actor's score dtype)
         return [Score(float(response == ground_truths[0]), None if response == ground_truths[0] else "wrong")]
 
 
@@ -176,6 +182,23 @@ def test_register_and_coerce():
         coerce_scores([1.0], 2, "X")
     with pytest.raises(ValueError, match="non-finite"):
         coerce_scores([float("inf")], 1, "X")
+    with pytest.raises(ValueError, match="not finite in float32"):
+        coerce_scores([-1e39], 1, "X")
+    assert coerce_scores([3e38], 1, "X") == [Score(3e38, None)]  # the largest float32s still fit
+
+
+def test_score_too_large_for_float32_scores_zero_with_the_reason():
+    """1e39 passes Python's finite check but is inf in the actor's float32 scores, which would crash the
+    driver's "rewards must be finite" check: it must score 0 with the reason, like NaN."""
+    from actors.verifier import VerifierWorker
+
+    worker = VerifierWorker(VerifierConfig(default=VerifierSpec(name=f"{HERE}:Hostile")))
+    try:
+        scores, reasons, stats = worker.score(["", ""], ["huge", "a"], ["x", "a"], ["s", "s"])
+    finally:
+        worker.close()
+    assert scores.tolist() == [0.0, 1.0] and np.isfinite(scores).all()
+    assert "not finite in float32" in reasons[0] and stats["verifier/errors"] == 1
 
 
 def test_stats_summarize_and_merge():
@@ -266,6 +289,27 @@ def test_isolation_contains_raise_hang_and_crash():
     assert not any(psutil.pid_exists(p) for p in pids), "close() leaves no worker behind"
 
 
+def test_a_slow_first_import_does_not_count_against_the_sample(tmp_path, monkeypatch):
+    """A plug-in's first import of a heavy module (math-verify: seconds on a loaded machine) is one-off
+    worker set-up, not the sample's run: it must not turn into a timeout. The limit on imports is the
+    worker's start-up bound, so an import that never finishes is still stopped."""
+    slow, hang = f"covrl_slow_{uuid.uuid4().hex}", f"covrl_hang_{uuid.uuid4().hex}"
+    (tmp_path / f"{slow}.py").write_text("import time\ntime.sleep(3.0)\n")  # 3x the per-sample limit
+    (tmp_path / f"{hang}.py").write_text("import time\ntime.sleep(3600)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))  # the spawned worker inherits sys.path
+    scorer = IsolatedScorer(
+        {"h": VerifierSpec(name=f"{HERE}:Hostile")}, timeout_s=1.0, startup_timeout_s=15.0
+    )
+    try:
+        responses = [f"import:{slow}", "a", f"import:{hang}", "b", "hang", "c"]
+        out = scorer.score(["h"] * 6, [""] * 6, responses, ["x", "a", "x", "b", "x", "c"])
+    finally:
+        scorer.close()
+    assert [o.kind for o in out] == [OK, OK, TIMEOUT, OK, TIMEOUT, OK], [o.reason for o in out]
+    assert "import" in out[2].reason and "15.0 s" in out[2].reason
+    assert out[4].reason == "timeout: no result within 1.0 s"  # the import time is not carried over
+
+
 def test_isolation_two_workers_keep_order():
     scorer = IsolatedScorer({"h": VerifierSpec(name=f"{HERE}:Hostile")}, timeout_s=1.0, workers=2)
     try:
@@ -282,3 +326,14 @@ def test_isolation_load_error_surfaces_at_start():
         IsolatedScorer(
             {"h": VerifierSpec(name=f"{HERE}:Hostile", options={"fail_init": True})}, timeout_s=1.0
         )
+
+
+def test_code_verifier_without_isolation_fails_closed():
+    """Where no namespace can be made, the code verifier refuses to run code instead of running it in view
+    of the host's files (here: no unshare(1) at all)."""
+    from pipeline.verifiers.code import SandboxUnavailable, probe_capabilities
+
+    with pytest.raises(SandboxUnavailable, match=r"refuses to run them.*unshare\(1\) not found"):
+        probe_capabilities(unshare=None)
+    with pytest.raises(SandboxUnavailable, match=r"refuses to run them.*/bin/false --mount"):
+        probe_capabilities(unshare="/bin/false")  # there, but every namespace is refused

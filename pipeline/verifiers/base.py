@@ -33,6 +33,8 @@ from schemas.verifier_config import FormatRewardSpec, VerifierConfig, VerifierSp
 # Outcome kinds recorded per sample by the isolation layer (stable: they name metrics).
 OK, ERROR, TIMEOUT, CRASH = "ok", "error", "timeout", "crash"
 DEFAULT_ROUTE = "__default__"
+# Scores travel as float32 (the actor's array, the driver's rewards): a larger magnitude becomes inf there.
+FLOAT32_MAX = 3.4028234663852886e38
 
 
 class Score(NamedTuple):
@@ -143,22 +145,46 @@ def load_verifier(spec: VerifierSpec | Mapping[str, Any] | str) -> Any:
     try:
         return cls(**spec.options)
     except TypeError as err:
-        try:
-            signature = str(inspect.signature(cls))
-        except (TypeError, ValueError):
-            signature = "(...)"
-        raise VerifierLoadError(
-            f"verifier {spec.name!r}: options {sorted(spec.options)} do not fit {cls.__name__}{signature} ({err}); "
-            "fix verifier.*.options in the config"
-        ) from err
+        raise _options_error(spec, cls, err) from err
     except ValueError as err:
         raise VerifierLoadError(
             f"verifier {spec.name!r}: bad options ({err}); fix verifier.*.options in the config"
         ) from err
 
 
+def _options_error(spec: VerifierSpec, cls: type, err: Exception) -> VerifierLoadError:
+    try:
+        signature = str(inspect.signature(cls))
+    except (TypeError, ValueError):
+        signature = "(...)"
+    return VerifierLoadError(
+        f"verifier {spec.name!r}: options {sorted(spec.options)} do not fit {cls.__name__}{signature} ({err}); "
+        "fix verifier.*.options in the config"
+    )
+
+
+def check_verifiers(config: VerifierConfig) -> None:
+    """Resolve every configured verifier (default and routes) and check its options against its constructor's
+    signature, without constructing it (that happens in the verifier's worker processes). Run before any
+    actor starts, so a typo fails at once; the error names the config field."""
+    named = [("verifier.default", config.default)]
+    named += [(f"verifier.routes.{source}", spec) for source, spec in config.routes.items()]
+    for where, spec in named:
+        try:
+            cls = resolve_verifier_class(spec.name)
+            try:
+                inspect.signature(cls).bind(**spec.options)
+            except TypeError as err:
+                raise _options_error(spec, cls, err) from None
+            except ValueError:  # no introspectable signature: the worker's construction checks it
+                pass
+        except VerifierLoadError as err:
+            raise VerifierLoadError(f"{where}: {err}") from None
+
+
 def coerce_scores(raw: Any, n: int, who: str) -> list[Score]:
-    """Turn a plug-in's return value into N finite ``Score``s (floats and (score, reason) pairs accepted)."""
+    """Turn a plug-in's return value into N ``Score``s finite in float32 (floats and (score, reason) pairs
+    accepted)."""
     try:
         items = None if isinstance(raw, str | bytes) else list(raw)
     except TypeError:
@@ -177,6 +203,11 @@ def coerce_scores(raw: Any, n: int, who: str) -> list[Score]:
         value = float(value)
         if not math.isfinite(value):
             raise ValueError(f"{who}.score returned a non-finite score {value}; return a finite float")
+        if abs(value) > FLOAT32_MAX:
+            raise ValueError(
+                f"{who}.score returned {value}, which is not finite in float32 (the reward dtype; "
+                f"|score| <= {FLOAT32_MAX:.4g}); return a smaller score"
+            )
         out.append(Score(value, None if reason is None else str(reason)))
     return out
 

@@ -11,13 +11,20 @@ sample. So the verifier actor never calls a plug-in itself; ``IsolatedScorer`` d
 - a sample whose result does not arrive within ``timeout_s`` of the previous one (a hang), or whose worker
   dies (EOF on the pipe: a crash), scores 0 with the reason; the worker and everything it started are
   killed, a fresh worker is started, and it receives the rest of the slice. Results already sent are kept,
-  so no sample is lost or scored twice, and the output is in input order.
+  so no sample is lost or scored twice, and the output is in input order;
+- the per-sample limit counts only the sample's own work: while a plug-in imports a module for the first
+  time (math-verify takes seconds on a busy machine), the worker tells the parent, which stops the
+  sample's clock. Imports are bounded instead by ``startup_timeout_s`` per sample, like plug-in loading.
 """
 
 from __future__ import annotations
 
+import builtins
+import importlib
 import multiprocessing as mp
 import os
+import sys
+import threading
 import time
 import traceback
 from collections import deque
@@ -41,6 +48,48 @@ class Outcome:
     kind: str = OK
 
 
+class _ImportClock:
+    """Worker side: while a sample is scored, tells the parent when the main thread starts and ends loading
+    modules it has not loaded before, so that time is not charged to the sample.
+
+    It wraps ``builtins.__import__`` and ``importlib.import_module``; an import of something already
+    loaded takes the fast path and sends nothing. Other threads are not watched (one writer on the pipe).
+    """
+
+    def __init__(self, conn: Connection):
+        self.conn, self.index, self._depth = conn, -1, 0
+        self._thread = threading.get_ident()
+        self._import, self._import_module = builtins.__import__, importlib.import_module
+        builtins.__import__ = self._hooked_import
+        importlib.import_module = self._hooked_import_module
+
+    def _watched(self, loaded: bool) -> bool:
+        return self.index >= 0 and not self._depth and not loaded and threading.get_ident() == self._thread
+
+    def _run(self, fn: Any, *args: Any) -> Any:
+        # Timestamps from the shared monotonic clock: the parent may read these late (busy replacing
+        # another worker), and the pause must be what the worker spent importing, not when it was noticed.
+        self.conn.send(("import", self.index, True, time.monotonic()))
+        self._depth += 1
+        try:
+            return fn(*args)
+        finally:
+            self._depth -= 1
+            self.conn.send(("import", self.index, False, time.monotonic()))
+
+    def _hooked_import(self, name, globals=None, locals=None, fromlist=(), level=0):  # noqa: A002
+        module = sys.modules.get(name) if level == 0 else None
+        loaded = module is not None and all(hasattr(module, attr) for attr in fromlist or ())
+        if not self._watched(loaded):
+            return self._import(name, globals, locals, fromlist, level)
+        return self._run(self._import, name, globals, locals, fromlist, level)
+
+    def _hooked_import_module(self, name: str, package: str | None = None) -> Any:
+        if not self._watched(name in sys.modules):
+            return self._import_module(name, package)
+        return self._run(self._import_module, name, package)
+
+
 def _worker_main(conn: Connection, specs: dict[str, dict[str, Any]]) -> None:
     """Child process: build the plug-ins once, then score the items it is sent, one result per message."""
     try:
@@ -48,6 +97,7 @@ def _worker_main(conn: Connection, specs: dict[str, dict[str, Any]]) -> None:
     except BaseException as err:  # noqa: BLE001 - report anything to the parent, then exit
         conn.send(("init_error", f"{type(err).__name__}: {err}\n{traceback.format_exc(limit=5)}"))
         return
+    clock = _ImportClock(conn)
     conn.send(("ready", os.getpid()))
     while True:
         try:
@@ -58,12 +108,16 @@ def _worker_main(conn: Connection, specs: dict[str, dict[str, Any]]) -> None:
             return
         for index, key, prompt, response, truth, extra in items:
             plugin = plugins[key]
+            clock.index = index
             try:
                 raw = plugin.score([prompt], [response], [truth], [extra])
                 (result,) = coerce_scores(raw, 1, type(plugin).__name__)
-                conn.send((index, OK, result.score, result.reason))
+                message = ("result", index, OK, result.score, result.reason)
             except BaseException as err:  # noqa: BLE001 - incl. math-verify's TimeoutException, SystemExit
-                conn.send((index, ERROR, 0.0, f"error: {type(err).__name__}: {err}"[:500]))
+                message = ("result", index, ERROR, 0.0, f"error: {type(err).__name__}: {err}"[:500])
+            finally:
+                clock.index = -1
+            conn.send(message)
 
 
 class _Worker:
@@ -78,6 +132,10 @@ class _Worker:
         child.close()
         self.queue: deque[_Item] = deque()
         self.deadline = 0.0
+        # While the sample in flight imports: its own time left, and when the import began (else None).
+        self.paused_at: float | None = None
+        self.own_left = 0.0
+        self.import_left = 0.0
 
     def wait_ready(self, timeout_s: float) -> None:
         if not self.conn.poll(timeout_s):
@@ -96,10 +154,23 @@ class _Worker:
             self.kill()
             raise VerifierLoadError(f"verifier plug-in failed to load in the worker process: {payload}")
 
-    def send(self, items: Sequence[_Item], timeout_s: float) -> None:
+    def send(self, items: Sequence[_Item], timeout_s: float, import_s: float) -> None:
         self.queue.extend(items)
         self.conn.send(list(items))
-        self.deadline = time.monotonic() + timeout_s
+        self.next_sample(timeout_s, import_s)
+
+    def next_sample(self, timeout_s: float, import_s: float) -> None:
+        self.deadline, self.paused_at, self.import_left = time.monotonic() + timeout_s, None, import_s
+
+    def importing(self, started: bool, at: float) -> None:
+        """Stop the sample's clock from ``at`` while it imports (bounded by what is left of its import
+        budget); restart it when the import ends."""
+        if started and self.paused_at is None:
+            self.own_left, self.paused_at = max(0.0, self.deadline - at), at
+            self.deadline = at + self.import_left
+        elif not started and self.paused_at is not None:
+            self.import_left = max(0.0, self.import_left - (at - self.paused_at))
+            self.deadline, self.paused_at = at + self.own_left, None
 
     def kill(self) -> None:
         """Kill the worker and every process it started (e.g. code sandboxes in their own sessions)."""
@@ -182,7 +253,7 @@ class IsolatedScorer:
         for w, worker in enumerate(self._workers):
             chunk = items[w * per : (w + 1) * per]
             if chunk:
-                worker.send(chunk, self.timeout_s)
+                worker.send(chunk, self.timeout_s, self.startup_timeout_s)
                 active.append(w)
         while active:
             active = self._step(active, results)
@@ -201,7 +272,11 @@ class IsolatedScorer:
         for w in active:
             worker = self._workers[w]
             if worker.queue and now >= worker.deadline and not worker.conn.poll():
-                self._replace(w, results, TIMEOUT, f"timeout: no result within {self.timeout_s} s")
+                if worker.paused_at is not None:
+                    reason = f"timeout: a module import did not finish within {self.startup_timeout_s} s"
+                else:
+                    reason = f"timeout: no result within {self.timeout_s} s"
+                self._replace(w, results, TIMEOUT, reason)
         return [w for w in active if self._workers[w].queue]
 
     def _drain(self, w: int, results: list[Outcome | None]) -> bool:
@@ -209,12 +284,17 @@ class IsolatedScorer:
         worker = self._workers[w]
         try:
             while worker.queue and worker.conn.poll():
-                index, kind, score, reason = worker.conn.recv()
-                expected = worker.queue.popleft()[0]
+                tag, index, *rest = worker.conn.recv()
+                expected = worker.queue[0][0]
                 if index != expected:
                     raise RuntimeError(f"verifier worker answered sample {index}, expected {expected}")
+                if tag == "import":
+                    worker.importing(started=rest[0], at=rest[1])
+                    continue
+                worker.queue.popleft()
+                kind, score, reason = rest
                 results[index] = Outcome(float(score), reason, kind)
-                worker.deadline = time.monotonic() + self.timeout_s
+                worker.next_sample(self.timeout_s, self.startup_timeout_s)
         except (EOFError, OSError):
             return False
         return True
@@ -238,7 +318,7 @@ class IsolatedScorer:
         self._workers[w] = new
         new.wait_ready(self.startup_timeout_s)
         if rest:
-            new.send(rest, self.timeout_s)
+            new.send(rest, self.timeout_s, self.startup_timeout_s)
 
     def close(self) -> None:
         for worker in self._workers:
