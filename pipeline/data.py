@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from pipeline import task as synthetic
+from pipeline import tasks
 from schemas.data_config import DataConfig
 
 _JSONL_EXT = {".jsonl", ".json", ".ndjson"}
@@ -79,9 +79,9 @@ def load_split(
         raise ValueError(f"unknown split {split!r}: use 'train' or 'eval'")
     patterns = cfg.train_files if split == "train" else cfg.eval_files
     if not patterns and not cfg.train_files:
-        report = LoadReport(split=split, source=f"synthetic task ({cfg.synthetic.digits}-digit addition)")
+        report = LoadReport(split=split, source=f"synthetic task ({tasks.describe(cfg.synthetic)})")
         records: Iterator[tuple[str, int, Any]] = (
-            ("<synthetic>", i + 1, r) for i, r in enumerate(synthetic.make_rows(cfg.synthetic, split))
+            ("<synthetic>", i + 1, r) for i, r in enumerate(tasks.make_rows(cfg.synthetic, split))
         )
     elif not patterns:
         return [], LoadReport(split=split, source="none (data.eval_files is empty: held-out eval off)")

@@ -1,22 +1,28 @@
-"""Configuration of the prompt data, the built-in synthetic task and the embedded tiny model.
+"""Configuration of the prompt data, the built-in synthetic tasks and the embedded tiny model.
 
-Why separate from ``schemas.config``: these three models are owned by the data/bootstrap code
-(``pipeline.data``, ``pipeline.task``, ``pipeline.tiny_model``) and are imported by the run config.
+Why separate from ``schemas.config``: these models are owned by the data/bootstrap code
+(``pipeline.data``, ``pipeline.tasks``, ``pipeline.tiny_model``) and are imported by the run config.
 All are ``Strict`` (unknown keys rejected, frozen) so a typo in YAML fails at start-up.
+
+The built-in task is picked by ``data.synthetic.task`` (``addition``, the default, or ``countdown``); each
+task has its own fields, so a field of the other task is rejected as an unknown key (docs/tasks.md).
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Discriminator, Field, Tag, model_validator
 
 from schemas.config import Strict
 
 
 class SyntheticTaskConfig(Strict):
-    """The built-in verifiable task: n-digit addition with a digit-by-digit carry chain."""
+    """Built-in task ``addition``: n-digit addition with a digit-by-digit carry chain (``pipeline.task``)."""
 
+    task: Literal["addition"] = Field(
+        "addition", description="Which built-in task ('addition' or 'countdown')."
+    )
     digits: int = Field(3, ge=1, le=6, description="Digits per operand (operands have no leading zeros).")
     n_train: int = Field(
         50_000, ge=1, description="Problems in the training split (SFT warm start and RL prompts)."
@@ -35,6 +41,54 @@ class SyntheticTaskConfig(Strict):
                 f"{self.digits}-digit problems: lower n_train/n_eval or raise digits"
             )
         return self
+
+
+class CountdownTaskConfig(Strict):
+    """Built-in task ``countdown``: reach a target from small numbers with + - *, each number used once,
+    the steps written out (``pipeline.countdown``). The defaults are the calibrated ones (docs/tasks.md)."""
+
+    task: Literal["countdown"] = Field(
+        "countdown", description="Which built-in task ('addition' or 'countdown')."
+    )
+    numbers: int = Field(
+        3, ge=2, le=4, description="Numbers per problem (4 is much harder: more paths, longer)."
+    )
+    min_number: int = Field(1, ge=1, description="Smallest given number.")
+    max_number: int = Field(9, ge=1, le=30, description="Largest given number.")
+    min_target: int = Field(10, ge=0, description="Smallest target.")
+    max_target: int = Field(99, ge=1, le=9999, description="Largest target.")
+    n_train: int | None = Field(
+        None, ge=1, description="Problems in the training split; None = every problem not held out."
+    )
+    n_eval: int = Field(256, ge=1, description="Problems in the held-out split (disjoint from train).")
+    seed: int = Field(0, description="Seed of the split, the shown number order and the SFT solution choice.")
+    data_source: str = Field("countdown", min_length=1, description="data_source tag on every row.")
+
+    @model_validator(mode="after")
+    def _ranges(self) -> CountdownTaskConfig:
+        if self.min_number > self.max_number:
+            raise ValueError(f"min_number = {self.min_number} must be <= max_number = {self.max_number}")
+        if self.min_target > self.max_target:
+            raise ValueError(f"min_target = {self.min_target} must be <= max_target = {self.max_target}")
+        return self
+
+
+def _task_name(value: Any) -> str:
+    """The ``task`` tag of a raw or built task config; absent means 'addition' (configs written before
+    there was a choice keep working)."""
+    if isinstance(value, dict):
+        return value.get("task", "addition")
+    return getattr(value, "task", "addition")
+
+
+TaskConfig = Annotated[
+    Annotated[SyntheticTaskConfig, Tag("addition")] | Annotated[CountdownTaskConfig, Tag("countdown")],
+    Discriminator(
+        _task_name,
+        custom_error_type="unknown_task",
+        custom_error_message="task must be 'addition' or 'countdown'",
+    ),
+]
 
 
 class TinyModelConfig(Strict):
@@ -134,6 +188,7 @@ class DataConfig(Strict):
         True, description="Shuffle prompts each epoch (permutation seeded by seed + epoch)."
     )
     seed: int = Field(0, description="Seed of the per-epoch shuffle.")
-    synthetic: SyntheticTaskConfig = Field(
-        default_factory=SyntheticTaskConfig, description="The built-in task used when train_files is empty."
+    synthetic: TaskConfig = Field(
+        default_factory=SyntheticTaskConfig,
+        description="The built-in task used when train_files is empty; 'task' picks it (addition, countdown).",
     )

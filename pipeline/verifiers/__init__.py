@@ -1,6 +1,7 @@
 """Reward verifiers: the plug-in API (``Score``, ``Verifier``, ``register_verifier``, ``load_verifier``),
-the built-ins (``math``, ``exact``, ``numeric``, ``arithmetic``, ``code``, ``format``; imported on first
-lookup) and the worker-process isolation the verifier actor runs them in (``isolation.IsolatedScorer``).
+the built-ins (``math``, ``exact``, ``numeric``, ``arithmetic``, ``countdown``, ``code``, ``format``;
+imported on first lookup) and the worker-process isolation the verifier actor runs them in
+(``isolation.IsolatedScorer``).
 """
 
 from pipeline.verifiers.base import (

@@ -1,4 +1,5 @@
-"""Built-in verifiers: ``math`` (math-verify), ``exact``, ``numeric``, ``arithmetic`` and the ``format`` wrapper.
+"""Built-in verifiers: ``math`` (math-verify), ``exact``, ``numeric``, ``arithmetic``, ``countdown`` and the
+``format`` wrapper.
 
 All are plain batch scorers (see ``base.py``); none handles its own isolation. Each returns
 ``Score(0.0, reason)`` for an expected failure (no answer found, wrong answer) so that logs say why.
@@ -208,6 +209,18 @@ class ArithmeticVerifier(Verifier):
 
     def score(self, prompts, responses, ground_truths, extras) -> list[Score]:
         from pipeline.task import score_response  # lazy: keeps this module light to import
+
+        return [Score(*score_response(r, g)) for r, g in zip(responses, ground_truths)]
+
+
+@register_verifier("countdown")
+class CountdownVerifier(Verifier):
+    """The countdown task's verifier (``pipeline.countdown.score_response``): replays the written steps
+    against the puzzle in the ground truth (``8,6,4>10``): arithmetic, each number used once, final value
+    and ``#`` answer equal to the target. Every failure kind has its own reason."""
+
+    def score(self, prompts, responses, ground_truths, extras) -> list[Score]:
+        from pipeline.countdown import score_response  # lazy: keeps this module light to import
 
         return [Score(*score_response(r, g)) for r, g in zip(responses, ground_truths)]
 
