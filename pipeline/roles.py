@@ -1,7 +1,8 @@
 """Start the five roles as Ray actors, each placed by its own resource spec; stop them all.
 
 Reads like the topology: generators x G, verifiers x V, reference x R (only when needed), learner
-ranks x L (one placement group, so ranks are gang-scheduled), one named metrics actor. A role that
+ranks x L (one placement group, so ranks are gang-scheduled), one named metrics actor. The verifiers
+get the built-in task's route added (``pipeline.tasks.verifier_config_for_run``). A role that
 fails to start raises RoleStartError naming the role and the reason, after every actor and placement
 group created so far has been released.
 """
@@ -22,6 +23,7 @@ from actors.learner import Learner
 from actors.metrics import Metrics
 from actors.reference import Reference
 from actors.verifier import VerifierActor
+from pipeline.tasks import verifier_config_for_run
 from schemas.config import Resources
 from schemas.run_config import RunConfig
 
@@ -190,7 +192,7 @@ def _start(
     roles.verifiers = [
         ray.remote(VerifierActor)
         .options(**actor_options(cfg.verifier.resources, max_restarts=2))
-        .remote(cfg.verifier, replica=i)
+        .remote(verifier_config_for_run(cfg.verifier, cfg.data), replica=i)
         for i in range(cfg.verifier.replicas)
     ]
     if cfg.use_reference:

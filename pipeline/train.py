@@ -36,6 +36,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def check_task(cfg: RunConfig) -> None:
+    """Settings of the built-in task that the schema cannot check alone (e.g. more problems asked for
+    than the countdown settings allow); only when the run uses it (no train files)."""
+    from pipeline.tasks import task_spec
+
+    if cfg.data.train_files:
+        return
+    try:
+        task_spec(cfg.data.synthetic).check(cfg.data.synthetic)
+    except ValueError as e:
+        raise InputError(str(e)) from None
+
+
 def resolve_model(cfg: RunConfig) -> str:
     if cfg.model.path is None:
         from pipeline.tiny_model import ensure_tiny_model
@@ -86,6 +99,7 @@ def prepare(args: argparse.Namespace) -> tuple[RunConfig, Path, str, Any, Any, l
     """Everything that can fail on bad input, before Ray or any actor starts."""
     from pipeline import checkpoint as ckpt
     from pipeline.data import PromptStream, load_split
+    from pipeline.tasks import verifier_config_for_run
     from pipeline.verifiers.base import VerifierLoadError, check_verifiers
 
     resume_state = None
@@ -102,8 +116,9 @@ def prepare(args: argparse.Namespace) -> tuple[RunConfig, Path, str, Any, Any, l
     else:
         cfg = load_config(args.config, args.set)
         run_dir = new_run_dir(cfg)
+    check_task(cfg)
     try:
-        check_verifiers(cfg.verifier)
+        check_verifiers(verifier_config_for_run(cfg.verifier, cfg.data))  # the task's route included
     except VerifierLoadError as err:
         raise InputError(str(err)) from None
     model_path = resolve_model(cfg)
@@ -132,10 +147,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     from pipeline.generation import RoleFailure
     from pipeline.summary import summarize_run
+    from pipeline.tasks import task_routes
 
     cfg, run_dir, model_path, tokenizer, stream, eval_rows, resume = prepare(args)
     for w in cfg.warnings():
         print(f"[covrl] WARNING: {w}", flush=True)
+    for source, spec in task_routes(cfg.data).items():
+        if source not in cfg.verifier.routes:
+            print(
+                f"[covrl] verifier: data_source {source!r} -> {spec.name!r} (the built-in task's)", flush=True
+            )
     run_dir.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, run_dir / "config.yaml")
     _link_latest(run_dir)
