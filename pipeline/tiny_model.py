@@ -1,10 +1,11 @@
 """Bootstrap of the embedded tiny model: build, warm-start by SFT, evaluate, cache.
 
 Why: no hub is reachable here, so the default run needs its own policy. A ~1.8M-parameter Llama with a
-character tokenizer is SFT'd on the synthetic carry-chain task (``pipeline.task``) until its held-out
-pass@1 at temperature 1 enters a target band (default [0.2, 0.6], stop at the first evaluation >= 0.3):
-good enough that RL gets reward signal, bad enough that RL has room to improve. CALIBRATION.md shows the
-window is narrow (step 125: 0.08, step 175: 0.52), so the stop is by evaluation, never a fixed step.
+character tokenizer is SFT'd on the configured built-in task (``pipeline.tasks``: addition by default, or
+countdown) until its held-out pass@1 at temperature 1 enters a target band (default [0.2, 0.6], stop at the
+first evaluation >= 0.3): good enough that RL gets reward signal, bad enough that RL has room to improve.
+The window is narrow (addition: step 125: 0.08, step 175: 0.52), so the stop is by evaluation, never a
+fixed step. The task supplies everything task-specific: alphabet, texts, scorer, response length.
 
 The result is a standard HF directory (config.json, model.safetensors, tokenizer files,
 generation_config.json, plus bootstrap.json with the measured accuracy and time) that transformers and
@@ -31,13 +32,17 @@ import numpy as np
 import torch
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from pipeline import task
+from pipeline.tasks import task_spec
+from pipeline.tiny_eval import evaluate_pass_at_1, evaluate_pass_at_k, expected_pass_at_1
 from pipeline.tokenizer import build_char_tokenizer
-from schemas.data_config import SyntheticTaskConfig, TinyModelConfig
+from schemas.data_config import TaskConfig, TinyModelConfig
 
 #: Bump when the build recipe changes in a way the config does not capture (invalidates the cache).
 CODE_VERSION = "tiny-v1"
 MARKER = "bootstrap.json"
+#: The report's pass@k: samples per problem at T=1 and the ks (unbiased estimator over those samples).
+PASS_K_SAMPLES, PASS_K = 16, (1, 4, 16)
+PASS_K_PROMPTS = 256
 log = logging.getLogger("covrl.tiny_model")
 
 
@@ -46,14 +51,17 @@ def cache_root() -> Path:
     return Path(os.environ.get("COVRL_CACHE") or Path.home() / ".cache" / "covrl").expanduser()
 
 
-def cache_key(cfg: TinyModelConfig, task_cfg: SyntheticTaskConfig) -> str:
-    """Hash of everything that determines the built model (the wall-clock cap ``max_seconds`` does not)."""
+def cache_key(cfg: TinyModelConfig, task_cfg: TaskConfig) -> str:
+    """Hash of everything that determines the built model (the wall-clock cap ``max_seconds`` does not).
+
+    Differs per task (and per task setting), so models of different tasks coexist in the cache."""
     model = cfg.model_dump(exclude={"max_seconds"})
-    blob = json.dumps({"model": model, "task": task_cfg.model_dump(), "code": CODE_VERSION}, sort_keys=True)
+    identity = task_spec(task_cfg).cache_identity(task_cfg)
+    blob = json.dumps({"model": model, "task": identity, "code": CODE_VERSION}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def ensure_tiny_model(cfg: TinyModelConfig, task: SyntheticTaskConfig, *, progress: bool = True) -> Path:
+def ensure_tiny_model(cfg: TinyModelConfig, task: TaskConfig, *, progress: bool = True) -> Path:
     """Path of the warm-started tiny model for these settings, building it once if not cached.
 
     Safe under concurrency: the build holds ``<key>.lock`` and publishes by an atomic rename; a waiting
@@ -92,7 +100,7 @@ def _file_lock(path: Path):
 
 
 def build_tiny_model(
-    cfg: TinyModelConfig, task_cfg: SyntheticTaskConfig, out_dir: Path, *, progress: bool = True
+    cfg: TinyModelConfig, task_cfg: TaskConfig, out_dir: Path, *, progress: bool = True
 ) -> dict:
     """Build, warm-start and save the model into ``out_dir``; returns (and writes) the bootstrap report."""
     prev_threads = torch.get_num_threads()
@@ -145,81 +153,23 @@ def encode_sft(
     return torch.from_numpy(ids), torch.from_numpy(labels)
 
 
-@torch.no_grad()
-def evaluate_pass_at_1(
-    model: LlamaForCausalLM,
-    tokenizer: PreTrainedTokenizerFast,
-    rows: list[dict],
-    *,
-    max_new_tokens: int,
-    temperature: float = 1.0,
-    seed: int = 0,
-    batch_size: int = 512,
-) -> float:
-    """Fraction of ``rows`` solved with one sample each (``temperature`` 0 = greedy), via HF ``generate``."""
-    was_training = model.training
-    model.eval()
-    tokenizer.padding_side = "left"
-    torch.manual_seed(seed)
-    solved = 0.0
-    for start in range(0, len(rows), batch_size):
-        chunk = rows[start : start + batch_size]
-        enc = tokenizer([r["prompt"] for r in chunk], return_tensors="pt", padding=True)
-        sample = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
-        out = model.generate(
-            **enc,
-            max_new_tokens=max_new_tokens,
-            **(sample if temperature > 0 else {"do_sample": False}),
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-        )
-        texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
-        solved += sum(task.score_response(t, r["ground_truth"])[0] for t, r in zip(texts, chunk, strict=True))
-    model.train(was_training)
-    return solved / max(len(rows), 1)
-
-
-@torch.no_grad()
-def expected_pass_at_1(
-    model: LlamaForCausalLM,
-    input_ids: torch.Tensor,
-    labels: torch.Tensor,
-    *,
-    pad_id: int,
-    batch_size: int = 512,
-) -> float:
-    """Mean probability of sampling the reference response at T=1 (teacher-forced, one forward pass).
-
-    Why: it is the exact expected pass@1 of the reference chain, with no sampling noise, at a fraction of
-    the cost of generation; it slightly underestimates pass@1 (a wrong chain can still end in the right
-    answer), so the stop decision is confirmed by a sampled evaluation.
-    """
-    was_training = model.training
-    model.eval()
-    probs = []
-    for start in range(0, len(input_ids), batch_size):
-        ids, lab = input_ids[start : start + batch_size], labels[start : start + batch_size]
-        logits = model(input_ids=ids, attention_mask=(ids != pad_id).long()).logits[:, :-1].float()
-        tgt = lab[:, 1:]
-        logp = torch.log_softmax(logits, -1).gather(-1, tgt.clamp_min(0).unsqueeze(-1)).squeeze(-1)
-        probs.append(torch.exp((logp * (tgt != -100)).sum(-1)))
-    model.train(was_training)
-    return float(torch.cat(probs).mean()) if probs else 0.0
-
-
-def _build(cfg: TinyModelConfig, task_cfg: SyntheticTaskConfig, out_dir: Path, *, progress: bool) -> dict:
+def _build(cfg: TinyModelConfig, task_cfg: TaskConfig, out_dir: Path, *, progress: bool) -> dict:
     t0, cpu0 = time.perf_counter(), time.process_time()
     say = _reporter(progress)
     torch.manual_seed(cfg.seed)
-    max_new = task.max_response_chars(task_cfg.digits) + 2
-    tokenizer = build_char_tokenizer(task.SYMBOLS, max_length=cfg.max_position_embeddings)
+    spec = task_spec(task_cfg)
+    max_new = spec.max_response_chars(task_cfg) + 2
+    tokenizer = build_char_tokenizer(spec.symbols, max_length=cfg.max_position_embeddings)
     model = new_model(cfg, tokenizer)
     n_params = sum(p.numel() for p in model.parameters())
-    prompts, responses = task.make_sft_texts(task_cfg, "train")
-    held_out = task.make_rows(task_cfg, "eval")
+    prompts, responses = spec.make_sft_texts(task_cfg, "train")
+    held_out = spec.make_rows(task_cfg, "eval")
     stop_rows = held_out[: cfg.eval_prompts]
-    stop_tf = encode_sft(tokenizer, *task.make_sft_texts(task_cfg, "eval"))
-    stop_tf = (stop_tf[0][: cfg.eval_prompts], stop_tf[1][: cfg.eval_prompts])
+    ref_prompts, ref_responses, ref_groups = spec.reference_texts(task_cfg, "eval")
+    n_ref = sum(g < cfg.eval_prompts for g in ref_groups)  # problem indices ascend: a prefix
+    stop_tf = encode_sft(tokenizer, ref_prompts, ref_responses)
+    stop_tf = (stop_tf[0][:n_ref], stop_tf[1][:n_ref])
+    stop_groups = ref_groups[:n_ref] if len(set(ref_groups)) < len(ref_groups) else None
     say(
         f"tiny model: {n_params / 1e6:.2f}M params, {len(prompts)} SFT examples, target pass@1 >= {cfg.stop_at}"
     )
@@ -251,11 +201,16 @@ def _build(cfg: TinyModelConfig, task_cfg: SyntheticTaskConfig, out_dir: Path, *
         out_of_time = time.perf_counter() - t0 > cfg.max_seconds
         if step % every and step < cfg.max_sft_steps and not out_of_time:
             continue
-        expected = expected_pass_at_1(model, *stop_tf, pad_id=tokenizer.pad_token_id)
+        expected = expected_pass_at_1(model, *stop_tf, pad_id=tokenizer.pad_token_id, groups=stop_groups)
         sampled = None
         if expected >= cfg.stop_at - cfg.sampled_eval_margin:
             sampled = evaluate_pass_at_1(
-                model, tokenizer, stop_rows, max_new_tokens=max_new, seed=cfg.seed + step
+                model,
+                tokenizer,
+                stop_rows,
+                max_new_tokens=max_new,
+                seed=cfg.seed + step,
+                score=spec.score_response,
             )
         acc = sampled if sampled is not None else expected
         history.append(
@@ -301,13 +256,30 @@ def _build(cfg: TinyModelConfig, task_cfg: SyntheticTaskConfig, out_dir: Path, *
             "or lower model.tiny.eval_every"
         )
     final_rows = held_out[: cfg.final_eval_prompts]
-    final = evaluate_pass_at_1(model, tokenizer, final_rows, max_new_tokens=max_new, seed=cfg.seed + 10**6)
-    greedy = evaluate_pass_at_1(model, tokenizer, final_rows, max_new_tokens=max_new, temperature=0.0)
+    final = evaluate_pass_at_1(
+        model, tokenizer, final_rows, max_new_tokens=max_new, seed=cfg.seed + 10**6, score=spec.score_response
+    )
+    greedy = evaluate_pass_at_1(
+        model, tokenizer, final_rows, max_new_tokens=max_new, temperature=0.0, score=spec.score_response
+    )
+    k_rows = held_out[: min(PASS_K_PROMPTS, cfg.final_eval_prompts)]
+    pass_k = evaluate_pass_at_k(
+        model,
+        tokenizer,
+        k_rows,
+        samples=PASS_K_SAMPLES,
+        ks=PASS_K,
+        max_new_tokens=max_new,
+        score=spec.score_response,
+        seed=cfg.seed + 2 * 10**6,
+    )
     report = {
         "pass_at_1_t1": final,
         "pass_at_1_greedy": greedy,
         "pass_at_1_t1_at_stop": stop_acc if stop_acc is not None else last,
         "eval_prompts_final": len(final_rows),
+        "pass_at_k_t1": {str(k): v for k, v in pass_k.items()},  # unbiased, PASS_K_SAMPLES per problem
+        "pass_at_k_problems": len(k_rows),
         "in_band": cfg.target_low <= final <= cfg.target_high,
         "sft_steps": step,
         "sft_seconds": round(sft_seconds, 2),
@@ -329,7 +301,8 @@ def _build(cfg: TinyModelConfig, task_cfg: SyntheticTaskConfig, out_dir: Path, *
     (out_dir / MARKER).write_text(json.dumps(report, indent=2))
     say(
         f"tiny model ready: held-out pass@1(T=1) {final:.3f} on {len(final_rows)} problems "
-        f"(greedy {greedy:.3f}), {step} SFT steps, {report['total_seconds']:.0f}s"
+        f"(greedy {greedy:.3f}; pass@k {', '.join(f'@{k} {v:.3f}' for k, v in pass_k.items())} on "
+        f"{len(k_rows)} x {PASS_K_SAMPLES}), {step} SFT steps, {report['total_seconds']:.0f}s"
     )
     if not report["in_band"]:
         log.warning("tiny model final pass@1 %.3f is outside the target band", final)

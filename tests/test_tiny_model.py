@@ -1,5 +1,6 @@
-"""Tiny-model bootstrap: tokenizer round trip, SFT encoding, and a reduced-budget build that transformers and
-vLLM (in-process, CPU) both load and generate from, then a cache hit."""
+"""Tiny-model bootstrap: tokenizer round trip, SFT encoding, the evaluation helpers, a reduced-budget build
+that transformers and vLLM (in-process, CPU) both load and generate from, then a cache hit; and the same
+bootstrap over the countdown task (its own alphabet, scorer and cache entry)."""
 
 import json
 import os
@@ -10,10 +11,11 @@ import time
 import pytest
 import torch
 
-from pipeline import task
-from pipeline.tiny_model import cache_key, encode_sft, ensure_tiny_model
+from pipeline import countdown, task
+from pipeline.tiny_eval import expected_pass_at_1, pass_at_k
+from pipeline.tiny_model import cache_key, encode_sft, ensure_tiny_model, new_model
 from pipeline.tokenizer import build_char_tokenizer
-from schemas.data_config import SyntheticTaskConfig, TinyModelConfig
+from schemas.data_config import CountdownTaskConfig, SyntheticTaskConfig, TinyModelConfig
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +46,73 @@ def test_encode_sft_masks_prompt_and_padding(tok):
 def test_config_rejects_stop_outside_band():
     with pytest.raises(ValueError, match="stop_at"):
         TinyModelConfig(stop_at=0.7)
+
+
+def test_default_addition_model_keeps_its_cache_key():
+    # The key models were cached under before tasks were selectable: a cached default build stays valid.
+    assert cache_key(TinyModelConfig(), SyntheticTaskConfig()) == "05fc32d2d3a4bd29"
+
+
+def test_cache_key_differs_per_task_and_setting():
+    tasks = (SyntheticTaskConfig(), CountdownTaskConfig(), CountdownTaskConfig(numbers=4))
+    assert len({cache_key(TinyModelConfig(), t) for t in tasks}) == 3
+
+
+def test_pass_at_k_by_hand():
+    assert pass_at_k(16, 1, 1) == pytest.approx(1 / 16) and pass_at_k(16, 1, 4) == pytest.approx(4 / 16)
+    assert pass_at_k(16, 1, 16) == 1.0 and pass_at_k(16, 0, 16) == 0.0
+    assert pass_at_k(4, 2, 2) == pytest.approx(1 - 1 / 6)  # 1 - C(2,2)/C(4,2)
+    assert pass_at_k(16, 13, 4) == 1.0  # fewer than k wrong samples: some draw of k always has a right one
+    with pytest.raises(ValueError, match="k <= n"):
+        pass_at_k(4, 1, 8)
+
+
+def test_expected_pass_at_1_sums_the_solutions_of_a_problem():
+    tok = build_char_tokenizer(countdown.SYMBOLS, max_length=64)
+    torch.manual_seed(0)
+    model = new_model(TinyModelConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64), tok)
+    prompts = ["8,6,4>10="] * 2 + ["3,3,3>18="]
+    responses = ["8+6=14;14-4=10;#10", "6-4=2;8+2=10;#10", "3+3=6;6*3=18;#18"]
+    ids, labels = encode_sft(tok, prompts, responses)
+    each = [expected_pass_at_1(model, ids[i : i + 1], labels[i : i + 1], pad_id=0) for i in range(3)]
+    assert all(0 < p < 1 for p in each)
+    grouped = expected_pass_at_1(model, ids, labels, pad_id=0, groups=[0, 0, 1])
+    assert grouped == pytest.approx(sum(each) / 2, rel=1e-4)  # two problems: (p0 + p1) and p2
+    assert expected_pass_at_1(model, ids, labels, pad_id=0) == pytest.approx(sum(each) / 3, rel=1e-4)
+
+
+def test_countdown_bootstrap_builds_its_own_model(tmp_path, monkeypatch):
+    monkeypatch.setenv("COVRL_CACHE", str(tmp_path / "cache"))
+    cfg = TinyModelConfig(
+        hidden_size=32,
+        num_layers=1,
+        num_heads=2,
+        intermediate_size=64,
+        max_sft_steps=4,
+        eval_every=2,
+        sft_batch_size=32,
+        target_low=0.0,
+        target_high=1.0,
+        stop_at=0.0,
+        eval_prompts=8,
+        final_eval_prompts=8,
+    )
+    task_cfg = CountdownTaskConfig(n_train=200, n_eval=32)
+    path = ensure_tiny_model(cfg, task_cfg, progress=False)
+    assert path.name == cache_key(cfg, task_cfg) != cache_key(cfg, SyntheticTaskConfig())
+    report = json.loads((path / "bootstrap.json").read_text())
+    assert report["task"] == task_cfg.model_dump() and report["sft_steps"] == 2
+    assert 0 <= report["pass_at_1_t1"] <= 1 and report["pass_at_k_problems"] == 8
+    at = report["pass_at_k_t1"]
+    assert set(at) == {"1", "4", "16"} and 0 <= at["1"] <= at["4"] <= at["16"] <= 1
+
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    assert len(tok) == 4 + len(countdown.SYMBOLS)
+    text = "8,6,4>10=8+6=14;14-4=10;#10"
+    ids = tok(text)["input_ids"]
+    assert tok.unk_token_id not in ids and tok.decode(ids, skip_special_tokens=True) == text
 
 
 @pytest.mark.e2e
