@@ -288,3 +288,19 @@ def test_char_tokenizer_covers_every_countdown_text():
     prompts, responses = cd.make_sft_texts(SMALL, "train")
     ids = tok([p + r for p, r in itertools.islice(zip(prompts, responses), 200)])["input_ids"]
     assert all(tok.unk_token_id not in x for x in ids)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "needle"),
+    [
+        (["data.synthetic.task=countdown", "data.synthetic.n_eval=1500"], "data.synthetic.n_eval = 1500"),
+        (["data.synthetic.task=countdown", "model.tiny.stop_at=0.7"], "model.tiny.stop_at = 0.7 must lie"),
+    ],
+)
+def test_settings_checked_before_start_up_name_the_field(overrides, needle):
+    from pipeline.train import InputError, check_task
+
+    with pytest.raises(InputError) as e:
+        check_task(load_config(None, overrides))
+    assert needle in str(e.value)
+    check_task(load_config(None, ["data.synthetic.task=countdown"]))  # the defaults pass
