@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from pipeline import countdown
 from pipeline import task as addition
-from schemas.data_config import DataConfig, SyntheticTaskConfig, TaskConfig, TinyModelConfig
+from schemas.data_config import DataConfig, SyntheticTaskConfig, TaskConfig
 from schemas.verifier_config import VerifierConfig, VerifierSpec
 
 
@@ -36,7 +36,6 @@ class TaskSpec:
     describe: Callable[[TaskConfig], str]
     cache_identity: Callable[[TaskConfig], dict]  # the settings the built model depends on
     check: Callable[[TaskConfig], None]  # raises ValueError naming the field when the settings cannot work
-    warm_start: dict[str, float]  # the tiny model's default band: target_low, stop_at, target_high
 
 
 def _addition_references(cfg: SyntheticTaskConfig, split: str) -> tuple[list[str], list[str], list[int]]:
@@ -63,7 +62,6 @@ TASKS: dict[str, TaskSpec] = {
         describe=lambda cfg: f"{cfg.digits}-digit addition",
         cache_identity=_addition_identity,
         check=lambda cfg: None,  # the schema checks the split sizes itself
-        warm_start={"target_low": 0.2, "stop_at": 0.3, "target_high": 0.6},
     ),
     "countdown": TaskSpec(
         name="countdown",
@@ -80,9 +78,6 @@ TASKS: dict[str, TaskSpec] = {
         ),
         cache_identity=lambda cfg: cfg.model_dump(),
         check=countdown.check_sizes,
-        # Held-out pass@1 plateaus near 0.2 while the SFT loss keeps falling (the model memorises the
-        # ~1,000 training problems), so 0.3 is out of reach; docs/tasks.md has the curve.
-        warm_start={"target_low": 0.1, "stop_at": 0.2, "target_high": 0.5},
     ),
 }
 
@@ -93,11 +88,6 @@ def task_spec(cfg: TaskConfig | str) -> TaskSpec:
     if name not in TASKS:
         raise ValueError(f"data.synthetic.task: unknown task {name!r}; built in: {', '.join(TASKS)}")
     return TASKS[name]
-
-
-def warm_start_config(tiny: TinyModelConfig, task_cfg: TaskConfig) -> TinyModelConfig:
-    """``tiny`` with the task's warm-start band wherever the user left it unset."""
-    return tiny.with_band(**task_spec(task_cfg).warm_start)
 
 
 def make_rows(cfg: TaskConfig, split: str) -> list[dict]:

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from pipeline.tasks import task_spec, warm_start_config
+from pipeline.tasks import task_spec
 from pipeline.tiny_eval import evaluate_pass_at_1, evaluate_pass_at_k, expected_pass_at_1
 from pipeline.tokenizer import build_char_tokenizer
 from schemas.data_config import TaskConfig, TinyModelConfig
@@ -55,7 +55,7 @@ def cache_key(cfg: TinyModelConfig, task_cfg: TaskConfig) -> str:
     """Hash of everything that determines the built model (the wall-clock cap ``max_seconds`` does not).
 
     Differs per task (and per task setting), so models of different tasks coexist in the cache."""
-    model = warm_start_config(cfg, task_cfg).model_dump(exclude={"max_seconds"})
+    model = cfg.model_dump(exclude={"max_seconds"})
     identity = task_spec(task_cfg).cache_identity(task_cfg)
     blob = json.dumps({"model": model, "task": identity, "code": CODE_VERSION}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -103,7 +103,6 @@ def build_tiny_model(
     cfg: TinyModelConfig, task_cfg: TaskConfig, out_dir: Path, *, progress: bool = True
 ) -> dict:
     """Build, warm-start and save the model into ``out_dir``; returns (and writes) the bootstrap report."""
-    cfg = warm_start_config(cfg, task_cfg)
     prev_threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
     try:

@@ -37,16 +37,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def check_task(cfg: RunConfig) -> None:
-    """Settings of the built-in task that the schema cannot check alone: more problems asked for than
-    the countdown settings allow (when the run trains on the task), the tiny model's band with the task's
-    defaults filled in (when it builds the tiny model)."""
-    from pipeline.tasks import task_spec, warm_start_config
+    """Settings of the built-in task that the schema cannot check alone (e.g. more problems asked for
+    than the countdown settings allow); only when the run uses it (no train files)."""
+    from pipeline.tasks import task_spec
 
+    if cfg.data.train_files:
+        return
     try:
-        if not cfg.data.train_files:
-            task_spec(cfg.data.synthetic).check(cfg.data.synthetic)
-        if cfg.model.path is None:
-            warm_start_config(cfg.model.tiny, cfg.data.synthetic)
+        task_spec(cfg.data.synthetic).check(cfg.data.synthetic)
     except ValueError as e:
         raise InputError(str(e)) from None
 

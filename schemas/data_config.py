@@ -54,7 +54,7 @@ class CountdownTaskConfig(Strict):
         3, ge=2, le=4, description="Numbers per problem (4 is much harder: more paths, longer)."
     )
     min_number: int = Field(1, ge=1, description="Smallest given number.")
-    max_number: int = Field(9, ge=1, le=30, description="Largest given number.")
+    max_number: int = Field(20, ge=1, le=30, description="Largest given number.")
     min_target: int = Field(10, ge=0, description="Smallest target.")
     max_target: int = Field(99, ge=1, le=9999, description="Largest target.")
     n_train: int | None = Field(
@@ -96,8 +96,6 @@ class TinyModelConfig(Strict):
 
     The warm start stops by evaluation: at the first held-out pass@1 (temperature 1) that reaches
     ``stop_at``, which must lie inside ``[target_low, target_high]``; the RL run then has room to improve.
-    The band is task-specific: left unset (None) it is the built-in task's (``pipeline.tasks``; addition
-    [0.2, 0.6] stop 0.3, countdown [0.1, 0.5] stop 0.2 — docs/tasks.md says why).
     """
 
     hidden_size: int = Field(192, ge=8, description="Model width.")
@@ -130,15 +128,9 @@ class TinyModelConfig(Strict):
     final_eval_prompts: int = Field(
         1_024, ge=1, description="Held-out prompts in the reported final evaluation."
     )
-    target_low: float | None = Field(
-        None, ge=0, le=1, description="Lower edge of the accepted pass@1 band at T=1; None = the task's."
-    )
-    target_high: float | None = Field(
-        None, ge=0, le=1, description="Upper edge of the accepted pass@1 band at T=1; None = the task's."
-    )
-    stop_at: float | None = Field(
-        None, ge=0, le=1, description="Stop at the first evaluation with pass@1 >= this; None = the task's."
-    )
+    target_low: float = Field(0.2, ge=0, le=1, description="Lower edge of the accepted pass@1 band at T=1.")
+    target_high: float = Field(0.6, ge=0, le=1, description="Upper edge of the accepted pass@1 band at T=1.")
+    stop_at: float = Field(0.3, ge=0, le=1, description="Stop at the first evaluation with pass@1 >= this.")
     threads: int = Field(2, ge=1, description="torch threads during the build.")
     seed: int = Field(0, description="Seed of initialisation, batch order and sampling.")
 
@@ -146,26 +138,9 @@ class TinyModelConfig(Strict):
     def _band(self) -> TinyModelConfig:
         if self.hidden_size % self.num_heads:
             raise ValueError("hidden_size must be divisible by num_heads")
-        low, stop, high = self.target_low, self.stop_at, self.target_high
-        for a, b, what in ((low, stop, "target_low <= stop_at"), (stop, high, "stop_at <= target_high")):
-            if a is not None and b is not None and a > b:
-                raise ValueError(f"stop_at must lie inside [target_low, target_high]: {what} is violated")
-        if low is not None and high is not None and low > high:
-            raise ValueError("target_low must be <= target_high")
+        if not self.target_low <= self.stop_at <= self.target_high:
+            raise ValueError("stop_at must lie inside [target_low, target_high]")
         return self
-
-    def with_band(self, *, target_low: float, stop_at: float, target_high: float) -> TinyModelConfig:
-        """This config with its unset band fields taken from the given (task) band; raises ``ValueError``
-        naming the fields when the result is not a band."""
-        given = {"target_low": target_low, "stop_at": stop_at, "target_high": target_high}
-        filled = {k: v if getattr(self, k) is None else getattr(self, k) for k, v in given.items()}
-        if not filled["target_low"] <= filled["stop_at"] <= filled["target_high"]:
-            raise ValueError(
-                f"model.tiny.stop_at = {filled['stop_at']} must lie inside [model.tiny.target_low, "
-                f"model.tiny.target_high] = [{filled['target_low']}, {filled['target_high']}] (unset fields "
-                f"take the task's band {given})"
-            )
-        return self.model_copy(update=filled)
 
 
 class DataConfig(Strict):

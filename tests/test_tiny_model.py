@@ -12,7 +12,6 @@ import pytest
 import torch
 
 from pipeline import countdown, task
-from pipeline.tasks import warm_start_config
 from pipeline.tiny_eval import expected_pass_at_1, pass_at_k
 from pipeline.tiny_model import cache_key, encode_sft, ensure_tiny_model, new_model
 from pipeline.tokenizer import build_char_tokenizer
@@ -46,19 +45,7 @@ def test_encode_sft_masks_prompt_and_padding(tok):
 
 def test_config_rejects_stop_outside_band():
     with pytest.raises(ValueError, match="stop_at"):
-        TinyModelConfig(stop_at=0.7, target_high=0.6)
-    # unset band fields come from the task: addition's band is [0.2, 0.6]
-    with pytest.raises(ValueError, match=r"model\.tiny\.stop_at = 0\.7 must lie inside"):
-        warm_start_config(TinyModelConfig(stop_at=0.7), SyntheticTaskConfig())
-
-
-def test_warm_start_band_is_the_tasks_unless_set():
-    addition = warm_start_config(TinyModelConfig(), SyntheticTaskConfig())
-    assert (addition.target_low, addition.stop_at, addition.target_high) == (0.2, 0.3, 0.6)
-    cd = warm_start_config(TinyModelConfig(), CountdownTaskConfig())
-    assert (cd.target_low, cd.stop_at, cd.target_high) == (0.1, 0.2, 0.5)
-    mine = warm_start_config(TinyModelConfig(stop_at=0.25), CountdownTaskConfig())
-    assert (mine.target_low, mine.stop_at, mine.target_high) == (0.1, 0.25, 0.5)
+        TinyModelConfig(stop_at=0.7)
 
 
 def test_default_addition_model_keeps_its_cache_key():
