@@ -7,13 +7,13 @@ Task-agnostic: the task's scorer is passed in (``score(response, ground_truth) -
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from math import comb
 
 import numpy as np
 import torch
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 from pipeline import task
+from pipeline.pass_at_k import pass_at_k
 
 
 @torch.no_grad()
@@ -52,14 +52,6 @@ def evaluate_pass_at_1(
     return solved / max(len(rows), 1)
 
 
-def pass_at_k(n: int, c: int, k: int) -> float:
-    """Unbiased pass@k from ``n`` samples of which ``c`` are correct: ``1 - C(n-c, k) / C(n, k)``
-    (Chen et al. 2021). E.g. n=16, c=1: pass@1 = 1/16, pass@4 = 1/4, pass@16 = 1."""
-    if not 0 <= c <= n or not 1 <= k <= n:
-        raise ValueError(f"pass_at_k needs 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
-    return 1.0 - comb(n - c, k) / comb(n, k)
-
-
 @torch.no_grad()
 def evaluate_pass_at_k(
     model: LlamaForCausalLM,
@@ -78,7 +70,7 @@ def evaluate_pass_at_k(
     model.eval()
     tokenizer.padding_side = "left"
     torch.manual_seed(seed)
-    correct = np.zeros(len(rows), dtype=np.int64)
+    correct = np.zeros((len(rows), samples), dtype=bool)
     per_batch = max(batch_size // samples, 1)
     for start in range(0, len(rows), per_batch):
         chunk = rows[start : start + per_batch]
@@ -96,9 +88,10 @@ def evaluate_pass_at_k(
         )
         texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
         for j, text in enumerate(texts):
-            correct[start + j // samples] += score(text, chunk[j // samples]["ground_truth"])[0] >= 1.0
+            row, sample = divmod(j, samples)
+            correct[start + row, sample] = score(text, chunk[row]["ground_truth"])[0] >= 1.0
     model.train(was_training)
-    return {k: float(np.mean([pass_at_k(samples, int(c), k) for c in correct])) for k in ks}
+    return {k: pass_at_k(correct, k) for k in ks}
 
 
 @torch.no_grad()

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from pipeline import countdown, task
-from pipeline.tiny_eval import expected_pass_at_1, pass_at_k
+from pipeline.tiny_eval import expected_pass_at_1
 from pipeline.tiny_model import cache_key, encode_sft, ensure_tiny_model, new_model
 from pipeline.tokenizer import build_char_tokenizer
 from schemas.data_config import CountdownTaskConfig, SyntheticTaskConfig, TinyModelConfig
@@ -56,15 +56,6 @@ def test_default_addition_model_keeps_its_cache_key():
 def test_cache_key_differs_per_task_and_setting():
     tasks = (SyntheticTaskConfig(), CountdownTaskConfig(), CountdownTaskConfig(numbers=4))
     assert len({cache_key(TinyModelConfig(), t) for t in tasks}) == 3
-
-
-def test_pass_at_k_by_hand():
-    assert pass_at_k(16, 1, 1) == pytest.approx(1 / 16) and pass_at_k(16, 1, 4) == pytest.approx(4 / 16)
-    assert pass_at_k(16, 1, 16) == 1.0 and pass_at_k(16, 0, 16) == 0.0
-    assert pass_at_k(4, 2, 2) == pytest.approx(1 - 1 / 6)  # 1 - C(2,2)/C(4,2)
-    assert pass_at_k(16, 13, 4) == 1.0  # fewer than k wrong samples: some draw of k always has a right one
-    with pytest.raises(ValueError, match="k <= n"):
-        pass_at_k(4, 1, 8)
 
 
 def test_expected_pass_at_1_sums_the_solutions_of_a_problem():
