@@ -1,6 +1,6 @@
 """Learner role: one DeepSpeed engine per data-parallel rank (one Ray actor per rank).
 
-The only module that imports DeepSpeed. The update itself is ``pipeline.ppo_update`` (engine
+The only module that imports DeepSpeed. The update itself is ``pipeline.core.ppo_update`` (engine
 agnostic); this shell owns process-group set-up (gloo on CPU, NCCL on GPU), the engine, checkpoints
 and handing weights to the generators.
 """
@@ -113,7 +113,7 @@ def deepspeed_config(cfg: LearnerConfig) -> dict[str, Any]:
 
 
 class _EngineTrainable:
-    """Adapter from a DeepSpeed engine to pipeline.ppo_update's Trainable protocol."""
+    """Adapter from a DeepSpeed engine to pipeline.core.ppo_update's Trainable protocol."""
 
     def __init__(self, engine: Any) -> None:
         self.engine, self.module = engine, engine.module
@@ -207,12 +207,12 @@ class Learner:
         policy-loss fields for this step; ``old_logprobs_from_sampler`` uses vLLM's log-probs as the
         PPO "old" policy (one-step-async mode, where the sampler's weights are a version behind);
         ``entropy_probe`` runs the SGD entropy probe (``learner.entropy_probe``) before the update."""
-        from pipeline.ppo_update import ppo_update
+        from pipeline.core.ppo_update import ppo_update
 
         t0 = time.perf_counter()
         algo = self.algo
         if loss_overrides:
-            from pipeline.entropy_control import apply_overrides
+            from pipeline.core.entropy_control import apply_overrides
 
             algo = algo.model_copy(update={"policy_loss": apply_overrides(algo.policy_loss, loss_overrides)})
         result = ppo_update(

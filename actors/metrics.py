@@ -89,7 +89,7 @@ class Metrics:
         return row
 
     def _derive(self, row: dict[str, Any]) -> list[str]:
-        from pipeline.law import fit_law
+        from pipeline.core.law import fit_law
 
         warnings = []
         h = row.get("entropy/mean")

@@ -44,7 +44,7 @@ class Reference:
         self, batch: TrainBatch, rows: np.ndarray | None = None
     ) -> tuple[np.ndarray, dict[str, float]]:
         """Flat float32 reference log-probs over the response tokens of ``rows`` (others left 0)."""
-        from pipeline.model_forward import batch_logprobs
+        from pipeline.core.model_forward import batch_logprobs
 
         t0 = time.perf_counter()
         rows = np.arange(len(batch)) if rows is None else rows

@@ -1,6 +1,6 @@
 """The verifier role: score responses with the configured reward plug-ins, isolated, per data source.
 
-A thin shell. Routing, the plug-in API and the statistics live in ``pipeline.verifiers``; the plug-ins run
+A thin shell. Routing, the plug-in API and the statistics live in ``pipeline.data.verifiers``; the plug-ins run
 in worker processes owned by ``IsolatedScorer`` (timeouts, crashes and exceptions score 0 with a reason).
 The class carries no ``@ray.remote``: the driver applies ``ray.remote(num_cpus=..., ...)`` from
 ``config.resources``. ``score_with_pool`` splits one batch across several such actors.
@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 
 from actors._runtime import where
-from pipeline.verifiers.base import DEFAULT_ROUTE, ERROR, merge_stats, route_key, route_specs, summarize
-from pipeline.verifiers.isolation import IsolatedScorer
+from pipeline.data.verifiers.base import DEFAULT_ROUTE, ERROR, merge_stats, route_key, route_specs, summarize
+from pipeline.data.verifiers.isolation import IsolatedScorer
 from schemas.verifier_config import VerifierConfig
 
 ScoreResult = tuple[np.ndarray, list[str | None], dict[str, float]]  # float32 [N], [N], stable-named stats

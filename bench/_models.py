@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from pipeline.tokenizer import build_char_tokenizer
+from pipeline.data.tokenizer import build_char_tokenizer
 
 SYMBOLS = list("0123456789+=;#")
 

@@ -40,7 +40,7 @@ def child(case: str, variant: str, n: int, v: int, d: int, chunk: int) -> None:
     import torch
 
     sys.path.insert(0, str(ROOT))
-    from pipeline.logprobs import logprobs_and_entropy, logprobs_from_hidden, naive_logprobs_and_entropy
+    from pipeline.core.logprobs import logprobs_and_entropy, logprobs_from_hidden, naive_logprobs_and_entropy
 
     torch.set_num_threads(1)
     torch.manual_seed(0)

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 from bench._models import build_random_model  # noqa: E402
-from pipeline.batching import synthetic_train_batch  # noqa: E402
+from pipeline.core.batching import synthetic_train_batch  # noqa: E402
 from schemas.batches import TrainBatch  # noqa: E402
 from schemas.config import PolicyLossConfig  # noqa: E402
 from schemas.run_config import AlgorithmConfig, LearnerConfig  # noqa: E402

@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.losses import _clipped_surrogate, aggregate_loss, get_policy_loss, select_tokens  # noqa: E402
+from pipeline.core.losses import _clipped_surrogate, aggregate_loss, get_policy_loss, select_tokens  # noqa: E402
 from schemas.config import PolicyLossConfig  # noqa: E402
 
 TARGET = 1.10

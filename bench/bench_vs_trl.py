@@ -71,8 +71,8 @@ def run_trl(steps: int, model_path: str, out: Path, bf16: bool) -> dict[str, flo
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer
 
-    from pipeline.task import make_rows, score_response
-    from pipeline.tiny_model import evaluate_pass_at_1
+    from pipeline.data.addition import make_rows, score_response
+    from pipeline.data.tiny_model import evaluate_pass_at_1
     from schemas.data_config import SyntheticTaskConfig
 
     torch.set_num_threads(2)
@@ -125,7 +125,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--skip-bf16", action="store_true")
     args = ap.parse_args()
-    from pipeline.tiny_model import ensure_tiny_model
+    from pipeline.data.tiny_model import ensure_tiny_model
     from schemas.run_config import RunConfig
 
     cfg = RunConfig()

@@ -1,5 +1,5 @@
 """Run a reproduction study (configs/study/<study>/*.yaml): every arm x every seed with the same budget, one after
-the other (pinned threads, so arms are comparable), then the analysis (pipeline.study: per-arm tables with
+the other (pinned threads, so arms are comparable), then the analysis (pipeline.analysis.study: per-arm tables with
 spread over seeds, paired differences to the GRPO baseline, per-arm figures) into OUT/study.md, and
 `covrl report` over the first seed of every arm into OUT/report. Finished runs are kept and a run cut off
 mid-way continues from its latest checkpoint, so an interrupted study resumes where it stopped (run it from
@@ -24,9 +24,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline import checkpoint as ckpt  # noqa: E402
-from pipeline.report import build_report  # noqa: E402
-from pipeline.study import analyze  # noqa: E402
+from pipeline.analysis.report import build_report  # noqa: E402
+from pipeline.analysis.study import analyze  # noqa: E402
+from pipeline.driver import checkpoint as ckpt  # noqa: E402
 from pipeline.train import main as train_main  # noqa: E402
 
 STUDIES = Path(__file__).resolve().parent.parent / "configs" / "study"

@@ -19,7 +19,7 @@ def main(argv: list[str] | None = None) -> int:
         from pipeline.train import main as train_main
 
         return train_main(rest)
-    from pipeline.report import main as report_main
+    from pipeline.analysis.report import main as report_main
 
     return report_main(rest)
 

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pipeline.config_io import ConfigError, dump_config, load_config
+from pipeline.driver.config_io import ConfigError, dump_config, load_config
 from schemas.run_config import RunConfig
 
 
@@ -39,7 +39,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def check_task(cfg: RunConfig) -> None:
     """Settings of the built-in task that the schema cannot check alone (e.g. more problems asked for
     than the countdown settings allow); only when the run uses it (no train files)."""
-    from pipeline.tasks import task_spec
+    from pipeline.data.tasks import task_spec
 
     if cfg.data.train_files:
         return
@@ -51,7 +51,7 @@ def check_task(cfg: RunConfig) -> None:
 
 def resolve_model(cfg: RunConfig) -> str:
     if cfg.model.path is None:
-        from pipeline.tiny_model import ensure_tiny_model
+        from pipeline.data.tiny_model import ensure_tiny_model
 
         return str(ensure_tiny_model(cfg.model.tiny, cfg.data.synthetic, progress=True))
     path = Path(cfg.model.path).expanduser()
@@ -97,10 +97,10 @@ def new_run_dir(cfg: RunConfig) -> Path:
 
 def prepare(args: argparse.Namespace) -> tuple[RunConfig, Path, str, Any, Any, list[dict], Any]:
     """Everything that can fail on bad input, before Ray or any actor starts."""
-    from pipeline import checkpoint as ckpt
-    from pipeline.data import PromptStream, load_split
-    from pipeline.tasks import verifier_config_for_run
-    from pipeline.verifiers.base import VerifierLoadError, check_verifiers
+    from pipeline.data.datasets import PromptStream, load_split
+    from pipeline.data.tasks import verifier_config_for_run
+    from pipeline.data.verifiers.base import VerifierLoadError, check_verifiers
+    from pipeline.driver import checkpoint as ckpt
 
     resume_state = None
     if args.resume:
@@ -145,9 +145,9 @@ def prepare(args: argparse.Namespace) -> tuple[RunConfig, Path, str, Any, Any, l
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import ray
 
-    from pipeline.generation import RoleFailure
-    from pipeline.summary import summarize_run
-    from pipeline.tasks import task_routes
+    from pipeline.analysis.summary import summarize_run
+    from pipeline.data.tasks import task_routes
+    from pipeline.driver.generation import RoleFailure
 
     cfg, run_dir, model_path, tokenizer, stream, eval_rows, resume = prepare(args)
     for w in cfg.warnings():
@@ -204,7 +204,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def _restart_point(run_dir: Path, stream: Any, initial_data_state: dict) -> tuple[Path | None, Any]:
     """Where an automatic restart resumes: the latest complete checkpoint, or the very start."""
-    from pipeline import checkpoint as ckpt
+    from pipeline.driver import checkpoint as ckpt
 
     ckpt.clean_partials(run_dir)
     latest = ckpt.latest(run_dir)
@@ -220,8 +220,8 @@ def _attempt(cfg, run_dir: Path, model_path: str, tokenizer, stream, eval_rows, 
     """Start every role, (re)load the checkpoint if resuming, train to the end; always release roles."""
     import ray
 
-    from pipeline.driver import DataSource, Trainer
-    from pipeline.roles import placement_report, start_roles, stop_roles
+    from pipeline.driver.roles import placement_report, start_roles, stop_roles
+    from pipeline.driver.trainer import DataSource, Trainer
 
     roles = None
     try:
@@ -262,12 +262,12 @@ def _link_latest(run_dir: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = parse_args(argv)
-    from pipeline.checkpoint import CheckpointError
-    from pipeline.data import DataError
-    from pipeline.driver import TrainingDiverged
-    from pipeline.generation import RoleFailure
-    from pipeline.roles import RoleStartError
-    from pipeline.summary import print_summary
+    from pipeline.analysis.summary import print_summary
+    from pipeline.data.datasets import DataError
+    from pipeline.driver.checkpoint import CheckpointError
+    from pipeline.driver.generation import RoleFailure
+    from pipeline.driver.roles import RoleStartError
+    from pipeline.driver.trainer import TrainingDiverged
 
     try:
         summary = run(args)

@@ -1,6 +1,6 @@
 """Target-entropy controller configuration (``algorithm.entropy_control`` in a run config).
 
-The controller (``pipeline.entropy_control.EntropyController``) turns the fixed selection knob of
+The controller (``pipeline.core.entropy_control.EntropyController``) turns the fixed selection knob of
 Clip-Cov / KL-Cov (the ratio r / k, or KL-Cov's beta) into a feedback loop: the user asks for an
 entropy -- absolute nats or a fraction of the entropy measured at step 1, optionally on a schedule --
 and a PI controller in log-space of the knob holds it. Why log-space: useful ratios span orders of

@@ -1,7 +1,7 @@
 """Configuration of the prompt data, the built-in synthetic tasks and the embedded tiny model.
 
 Why separate from ``schemas.config``: these models are owned by the data/bootstrap code
-(``pipeline.data``, ``pipeline.tasks``, ``pipeline.tiny_model``) and are imported by the run config.
+(``pipeline.data.datasets``, ``pipeline.data.tasks``, ``pipeline.data.tiny_model``) and are imported by the run config.
 All are ``Strict`` (unknown keys rejected, frozen) so a typo in YAML fails at start-up.
 
 The built-in task is picked by ``data.synthetic.task`` (``addition``, the default, or ``countdown``); each
@@ -18,7 +18,7 @@ from schemas.config import Strict
 
 
 class SyntheticTaskConfig(Strict):
-    """Built-in task ``addition``: n-digit addition with a digit-by-digit carry chain (``pipeline.task``)."""
+    """Built-in task ``addition``: n-digit addition with a digit-by-digit carry chain (``pipeline.data.addition``)."""
 
     task: Literal["addition"] = Field(
         "addition", description="Which built-in task ('addition' or 'countdown')."
@@ -45,7 +45,7 @@ class SyntheticTaskConfig(Strict):
 
 class CountdownTaskConfig(Strict):
     """Built-in task ``countdown``: reach a target from small numbers with + - *, each number used once,
-    the steps written out (``pipeline.countdown``). The defaults are the calibrated ones (docs/tasks.md)."""
+    the steps written out (``pipeline.data.countdown``). The defaults are the calibrated ones (docs/tasks.md)."""
 
     task: Literal["countdown"] = Field(
         "countdown", description="Which built-in task ('addition' or 'countdown')."

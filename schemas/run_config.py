@@ -1,6 +1,6 @@
 """The whole run configuration: one sub-model per role plus model, data, algorithm and schedule.
 
-Loaded from YAML with dotted ``--set`` overrides by ``pipeline.config_io``; the resolved config is written
+Loaded from YAML with dotted ``--set`` overrides by ``pipeline.driver.config_io``; the resolved config is written
 into the run directory at start-up. Unknown keys are rejected everywhere (``Strict``).
 """
 
@@ -111,7 +111,7 @@ class ReferenceConfig(Strict):
 
 
 class EntropyProbeConfig(Strict):
-    """Claim 3 where the theory applies (pipeline/entropy_probe.py): every ``every`` steps, from the current
+    """Claim 3 where the theory applies (pipeline/core/entropy_probe.py): every ``every`` steps, from the current
     weights, one plain SGD step per learning rate on the step's batch (never applied to the run), measuring
     the exact entropy change beside -lr * Cov(log pi, A)."""
 

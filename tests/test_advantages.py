@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.advantages import (
+from pipeline.core.advantages import (
     broadcast_to_tokens,
     compute_advantages,
     get_advantage,

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from pipeline.batching import build_train_batch, concat_rollouts, split_prompts
+from pipeline.core.batching import build_train_batch, concat_rollouts, split_prompts
 from schemas.batches import PromptBatch, Ragged, RolloutBatch, ScoredBatch, TrainBatch
 
 

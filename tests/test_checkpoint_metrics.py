@@ -5,7 +5,7 @@ import json
 import pytest
 
 from actors.metrics import Metrics
-from pipeline import checkpoint as ckpt
+from pipeline.driver import checkpoint as ckpt
 from schemas.batches import MetricsRecord
 from schemas.run_config import MetricsConfig
 
@@ -113,7 +113,7 @@ def test_predicted_vs_measured_entropy_change_correlation_is_live(tmp_path):
 
 
 def test_consecutive_all_skipped_steps_stop_the_run():
-    from pipeline.driver import TrainingDiverged, track_bad_steps
+    from pipeline.driver.trainer import TrainingDiverged, track_bad_steps
 
     bad = {"actor/skipped_updates": 4.0, "actor/updates": 4.0}
     partly = {"actor/skipped_updates": 1.0, "actor/updates": 4.0}

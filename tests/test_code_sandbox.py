@@ -23,8 +23,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from pipeline.verifiers import code as code_module
-from pipeline.verifiers.code import (
+from pipeline.data.verifiers import code as code_module
+from pipeline.data.verifiers.code import (
     CodeVerifier,
     SandboxLimits,
     SandboxUnavailable,
@@ -515,7 +515,7 @@ def test_a_killed_verifier_takes_its_sandbox_with_it():
     a program that sleeps for an hour would otherwise live on, unwatched. The run's host-side folder and
     cgroup are removed by the next sandbox probe (as when a verifier worker starts)."""
     start = (
-        "from pipeline.verifiers.code import SandboxLimits, run_python, sandbox_capabilities\n"
+        "from pipeline.data.verifiers.code import SandboxLimits, run_python, sandbox_capabilities\n"
         "sandbox_capabilities()\n"
         "print('probed', flush=True)\n"
         "run_python('import time\\ntime.sleep(3600)', limits=SandboxLimits(wall_s=3600, cpu_s=3600))\n"

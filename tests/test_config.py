@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.config_io import ConfigError, dump_config, load_config
+from pipeline.driver.config_io import ConfigError, dump_config, load_config
 from schemas.run_config import RunConfig
 
 CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").rglob("*.yaml"))
@@ -13,7 +13,7 @@ CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").rglob("*.y
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
 def test_every_shipped_config_parses(path):
-    from pipeline.verifiers.base import check_verifiers
+    from pipeline.data.verifiers.base import check_verifiers
 
     cfg = load_config(path)
     assert isinstance(cfg, RunConfig)

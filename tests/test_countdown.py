@@ -10,12 +10,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline import countdown as cd
-from pipeline.config_io import ConfigError, dump_config, load_config
-from pipeline.data import load_split
-from pipeline.tasks import task_routes, task_spec, verifier_config_for_run
-from pipeline.tokenizer import build_char_tokenizer
-from pipeline.verifiers import load_verifier
+from pipeline.data import countdown as cd
+from pipeline.data.datasets import load_split
+from pipeline.data.tasks import task_routes, task_spec, verifier_config_for_run
+from pipeline.data.tokenizer import build_char_tokenizer
+from pipeline.data.verifiers import load_verifier
+from pipeline.driver.config_io import ConfigError, dump_config, load_config
 from schemas.data_config import CountdownTaskConfig, DataConfig, SyntheticTaskConfig
 from schemas.verifier_config import VerifierConfig, VerifierSpec
 

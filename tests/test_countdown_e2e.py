@@ -7,7 +7,7 @@ import json
 import pytest
 import yaml
 
-from pipeline import countdown
+from pipeline.data import countdown
 from pipeline.train import main as train_main
 from schemas.data_config import CountdownTaskConfig
 

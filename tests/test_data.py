@@ -8,9 +8,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline import task
-from pipeline.data import DataError, PromptStream, get_field, load_split, render_prompt
-from pipeline.tokenizer import build_char_tokenizer
+from pipeline.data import addition as task
+from pipeline.data.datasets import DataError, PromptStream, get_field, load_split, render_prompt
+from pipeline.data.tokenizer import build_char_tokenizer
 from schemas.data_config import DataConfig, SyntheticTaskConfig
 
 
@@ -161,7 +161,7 @@ def test_row_extras_reach_the_verifier(tmp_path, char_tok):
     tests live only there (the ground truth is a placeholder), so a correct program scores 1 only if they
     arrive."""
     from actors.verifier import VerifierWorker
-    from pipeline.driver import encode_prompts
+    from pipeline.driver.trainer import encode_prompts
     from schemas.verifier_config import VerifierConfig, VerifierSpec
 
     tests = {"inputs": ["2 3\n"], "outputs": ["5"]}

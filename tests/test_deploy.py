@@ -145,8 +145,8 @@ def _tree_alive(pids: list[int]) -> list[int]:
 
 @pytest.mark.e2e
 def test_submit_to_a_local_multi_node_cluster(tmp_path):
-    from pipeline.config_io import load_config
-    from pipeline.tiny_model import ensure_tiny_model
+    from pipeline.data.tiny_model import ensure_tiny_model
+    from pipeline.driver.config_io import load_config
 
     cfg = load_config(None)
     model = ensure_tiny_model(cfg.model.tiny, cfg.data.synthetic)  # cached; builds once on a fresh machine

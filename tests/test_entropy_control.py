@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from pipeline.entropy_control import (
+from pipeline.core.entropy_control import (
     EntropyController,
     ToyBandit,
     apply_overrides,

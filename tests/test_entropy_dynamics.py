@@ -2,7 +2,7 @@
 
 import torch
 
-from pipeline.entropy_dynamics import (
+from pipeline.core.entropy_dynamics import (
     entropy_from_logits,
     exact_entropy_change,
     first_order_entropy_change,

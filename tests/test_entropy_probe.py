@@ -5,9 +5,9 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from pipeline.entropy_dynamics import exact_entropy_change, first_order_entropy_change
-from pipeline.entropy_probe import lr_key, sgd_entropy_probe
-from pipeline.ppo_update import ppo_update
+from pipeline.core.entropy_dynamics import exact_entropy_change, first_order_entropy_change
+from pipeline.core.entropy_probe import lr_key, sgd_entropy_probe
+from pipeline.core.ppo_update import ppo_update
 from schemas.run_config import AlgorithmConfig, LearnerConfig
 from tests.test_ppo_update import SGDTrainable, random_batch, tiny_model
 from tests.test_selection_faithful import chain_case

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from pipeline.law import fit_early, fit_law
+from pipeline.core.law import fit_early, fit_law
 
 
 def test_exact_two_points():

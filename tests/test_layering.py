@@ -10,17 +10,17 @@ import schemas
 
 ROOT = Path(__file__).resolve().parents[1]
 PURE = [
-    "pipeline.logprobs",
-    "pipeline.advantages",
-    "pipeline.losses",
-    "pipeline.entropy_dynamics",
-    "pipeline.law",
-    "pipeline.recipe",
-    "pipeline.study",
-    "pipeline.ppo_update",
-    "pipeline.model_forward",
-    "pipeline.entropy_probe",
-    "pipeline.pass_at_k",
+    "pipeline.core.logprobs",
+    "pipeline.core.advantages",
+    "pipeline.core.losses",
+    "pipeline.core.entropy_dynamics",
+    "pipeline.core.law",
+    "pipeline.core.recipe",
+    "pipeline.analysis.study",
+    "pipeline.core.ppo_update",
+    "pipeline.core.model_forward",
+    "pipeline.core.entropy_probe",
+    "pipeline.core.pass_at_k",
     *(f"schemas.{m.name}" for m in pkgutil.iter_modules(schemas.__path__)),
 ]
 HEAVY = ("ray", "vllm", "deepspeed")

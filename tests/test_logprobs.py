@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.logprobs import logprobs_and_entropy, logprobs_from_hidden, naive_logprobs_and_entropy
+from pipeline.core.logprobs import logprobs_and_entropy, logprobs_from_hidden, naive_logprobs_and_entropy
 
 
 def test_hand_computed_uniform_and_temperature():

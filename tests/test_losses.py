@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.losses import (
+from pipeline.core.losses import (
     AGG_MODES,
     aggregate_loss,
     clip_cov_loss,

@@ -5,7 +5,7 @@ import itertools
 import numpy as np
 import pytest
 
-from pipeline.pass_at_k import pass_at_k, pass_at_k_metrics
+from pipeline.core.pass_at_k import pass_at_k, pass_at_k_metrics
 
 
 def brute_force(correct: np.ndarray, k: int) -> float:

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.data import PromptStream, load_split
+from pipeline.data.datasets import PromptStream, load_split
 from pipeline.train import main as train_main
 from schemas.run_config import RunConfig
 
@@ -97,7 +97,7 @@ def test_resume_continues_with_the_same_data_order(short_run):
 
 def test_custom_verifier_plugin_trains_on_a_jsonl_dataset(tmp_path, ray_cluster):
     """A user's verifier (examples/custom_verifier, selected by import path) scores a JSONL dataset end to end."""
-    from pipeline.task import make_prompt, make_response
+    from pipeline.data.addition import make_prompt, make_response
 
     rng = np.random.default_rng(0)
     data_rows = []

@@ -11,9 +11,9 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from pipeline.batching import synthetic_train_batch
-from pipeline.model_forward import make_micro_batch, micro_batches, response_logprobs
-from pipeline.ppo_update import ppo_update
+from pipeline.core.batching import synthetic_train_batch
+from pipeline.core.model_forward import make_micro_batch, micro_batches, response_logprobs
+from pipeline.core.ppo_update import ppo_update
 from schemas.config import PolicyLossConfig
 from schemas.run_config import AlgorithmConfig, LearnerConfig
 

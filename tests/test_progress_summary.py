@@ -6,8 +6,8 @@ import io
 import json
 import math
 
-from pipeline.progress import Progress
-from pipeline.summary import print_summary, summarize_run
+from pipeline.analysis.summary import print_summary, summarize_run
+from pipeline.driver.progress import Progress
 
 # A fit like the default job's: -a + b = 1.101, above 1, so not an accuracy.
 A, B, H = 5.76, 6.861, 0.05

@@ -1,4 +1,4 @@
-"""Recipe pieces (pipeline/recipe.py): dynamic sampling, overlong handling, truncated IS correction.
+"""Recipe pieces (pipeline/core/recipe.py): dynamic sampling, overlong handling, truncated IS correction.
 
 Expected values are computed by hand in the comments; the loop is driven by a fake sampler.
 """
@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.batching import synthetic_train_batch
-from pipeline.losses import aggregate_loss, get_policy_loss
-from pipeline.ppo_update import ppo_update
-from pipeline.recipe import (
+from pipeline.core.batching import synthetic_train_batch
+from pipeline.core.losses import aggregate_loss, get_policy_loss
+from pipeline.core.ppo_update import ppo_update
+from pipeline.core.recipe import (
     fill_informative,
     groups_unit,
     handle_overlong,
@@ -359,7 +359,7 @@ def test_recipe_config_fields():
 def test_driver_collect_runs_dynamic_sampling_through_the_roles(monkeypatch):
     """Trainer.collect with fake roles: prompts come from the stream round after round, the kept groups
     are the informative ones, reward/* describe every sampled group."""
-    from pipeline import driver
+    from pipeline.driver import trainer as driver
 
     g, need = 2, 4
     # prompt id -> group rewards; ids 0-3 in round 1, then 4-7 (groups 1, 2, 5 filtered; 7 surplus)

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import ray
 
-from pipeline.data import PromptStream, load_split
-from pipeline.driver import DataSource, Trainer, encode_prompts
-from pipeline.roles import start_roles, stop_roles
-from pipeline.tiny_model import ensure_tiny_model
+from pipeline.data.datasets import PromptStream, load_split
+from pipeline.data.tiny_model import ensure_tiny_model
+from pipeline.driver.roles import start_roles, stop_roles
+from pipeline.driver.trainer import DataSource, Trainer, encode_prompts
 from pipeline.train import parse_args, prepare
 from schemas.run_config import RunConfig
 
@@ -242,7 +242,7 @@ def test_nothing_of_a_run_is_left_behind(ray_cluster, model_path, tmp_path):
     and placement group of the run is gone (Ray's state API)."""
     from ray.util.state import list_actors, list_placement_groups
 
-    from pipeline.roles import RoleStartError
+    from pipeline.driver.roles import RoleStartError
 
     before_pgs = {p.placement_group_id for p in list_placement_groups() if p.state != "REMOVED"}
     args = parse_args(
@@ -267,7 +267,7 @@ def test_nothing_of_a_run_is_left_behind(ray_cluster, model_path, tmp_path):
 
 
 def test_unsatisfiable_resources_fail_fast_naming_the_role(ray_cluster, model_path, tmp_path):
-    from pipeline.roles import RoleStartError
+    from pipeline.driver.roles import RoleStartError
 
     args = parse_args(
         sets(SMALL + [f"model.path={model_path}", "learner.resources.custom={no_such_node: 1}"])

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import yaml
 
-from pipeline.report import FIGURES, ReportError, build_report, main
+from pipeline.analysis.report import FIGURES, ReportError, build_report, main
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -58,7 +58,7 @@ def write_run(path, *, name, method, a, b, steps=30, eval_every=5, h0=1.0, decay
 
 
 def expected(rows):
-    """The summary numbers, computed directly from the rows (independently of pipeline.report)."""
+    """The summary numbers, computed directly from the rows (independently of pipeline.analysis.report)."""
     ent = [r["entropy/mean"] for r in rows if "entropy/mean" in r]
     evals = [r["eval/pass@1"] for r in rows if "eval/pass@1" in r]
     pairs = [

@@ -1,4 +1,4 @@
-"""pipeline.resource_plan: what each role asks for, and whether a config fits a cluster.
+"""pipeline.driver.resource_plan: what each role asks for, and whether a config fits a cluster.
 
 Every paper preset must fit the cluster that deploy/cluster.yaml and deploy/rayjob.yaml describe; an
 oversubscribed or unplaceable role is reported by name.
@@ -12,8 +12,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.config_io import load_config
-from pipeline.resource_plan import ClusterSpec, NodeSpec, check_satisfiable, format_plan, plan_resources
+from pipeline.driver.config_io import load_config
+from pipeline.driver.resource_plan import (
+    ClusterSpec,
+    NodeSpec,
+    check_satisfiable,
+    format_plan,
+    plan_resources,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = sorted((ROOT / "configs" / "presets").glob("*.yaml"))
@@ -155,7 +161,7 @@ def test_from_ray_nodes_reads_live_node_lists():
 
 def test_resource_plan_is_pure():
     code = (
-        "import json, sys\nimport pipeline.resource_plan\n"
+        "import json, sys\nimport pipeline.driver.resource_plan\n"
         "print(json.dumps([m for m in ('ray', 'vllm', 'deepspeed', 'torch') if m in sys.modules]))"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.losses import clip_cov_candidates, get_policy_loss, get_token_selector
-from pipeline.ppo_update import StepState, update_mini_batch
+from pipeline.core.losses import clip_cov_candidates, get_policy_loss, get_token_selector
+from pipeline.core.ppo_update import StepState, update_mini_batch
 from schemas.batches import Ragged, TrainBatch
 from schemas.config import PolicyLossConfig
 from schemas.run_config import AlgorithmConfig, LearnerConfig
@@ -119,7 +119,7 @@ def one_update(model, batch, old, policy_loss, learner=None):
 
 
 def test_lookup_policy_has_the_requested_logprobs():
-    from pipeline.model_forward import make_micro_batch, response_logprobs
+    from pipeline.core.model_forward import make_micro_batch, response_logprobs
 
     cur = [-0.7, -1.3, -0.2, -2.0, -0.05]
     model, batch = chain_case([3, 2], [1.0, -1.0], cur, cur)
@@ -191,7 +191,7 @@ def test_default_update_matches_the_reference_port(case, micro_batch_size):
     )
     want = case["verl_loss"]
     if case["mode"] == "seq-mean-token-sum-norm":
-        # documented deviation (pipeline/losses.py): covrl divides by n_seqs * L, the port by L only
+        # documented deviation (pipeline/core/losses.py): covrl divides by n_seqs * L, the port by L only
         want /= len(lengths)
     assert state.loss_sum == pytest.approx(want, abs=2e-6)
 

@@ -1,4 +1,4 @@
-"""The study analysis (pipeline.study) on synthetic runs whose answers are known."""
+"""The study analysis (pipeline.analysis.study) on synthetic runs whose answers are known."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from pipeline.study import aggregate, analyze, paired_differences, render_tables, run_numbers
+from pipeline.analysis.study import aggregate, analyze, paired_differences, render_tables, run_numbers
 
 A, B = 5.0, 6.0  # R = -A exp(H) + B, ceiling 1.0
 
@@ -113,7 +113,7 @@ def probe_rows(lr_slopes, n=20, seed=0):
 
 
 def test_probe_summary_recovers_the_slope_and_correlations(tmp_path):
-    from pipeline.probe_analysis import plot_probes, probe_summary, render_probe_table
+    from pipeline.analysis.probe_analysis import plot_probes, probe_summary, render_probe_table
 
     runs = [probe_rows({0.001: 1.4, 0.1: 0.5}, seed=i) for i in range(2)]
     summary = probe_summary(runs)

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from pipeline import task
+from pipeline.data import addition as task
 from schemas.data_config import SyntheticTaskConfig
 
 

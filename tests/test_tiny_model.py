@@ -11,10 +11,11 @@ import time
 import pytest
 import torch
 
-from pipeline import countdown, task
-from pipeline.tiny_eval import expected_pass_at_1
-from pipeline.tiny_model import cache_key, encode_sft, ensure_tiny_model, new_model
-from pipeline.tokenizer import build_char_tokenizer
+from pipeline.data import addition as task
+from pipeline.data import countdown
+from pipeline.data.tiny_eval import expected_pass_at_1
+from pipeline.data.tiny_model import cache_key, encode_sft, ensure_tiny_model, new_model
+from pipeline.data.tokenizer import build_char_tokenizer
 from schemas.data_config import CountdownTaskConfig, SyntheticTaskConfig, TinyModelConfig
 
 
@@ -190,7 +191,7 @@ def test_concurrent_callers_build_once(tmp_path, monkeypatch):
     """Two threads asking for the same model: one builds (under the lock), the other waits and reuses it."""
     import threading
 
-    from pipeline import tiny_model
+    from pipeline.data import tiny_model
 
     monkeypatch.setenv("COVRL_CACHE", str(tmp_path))
     calls = []
@@ -220,7 +221,7 @@ def test_concurrent_callers_build_once(tmp_path, monkeypatch):
 
 
 def test_failed_build_leaves_no_cache_entry(tmp_path, monkeypatch):
-    from pipeline import tiny_model
+    from pipeline.data import tiny_model
 
     monkeypatch.setenv("COVRL_CACHE", str(tmp_path))
 

@@ -16,15 +16,15 @@ import numpy as np
 import psutil
 import pytest
 
-from pipeline.verifiers import (
+from pipeline.data.verifiers import (
     Score,
     VerifierLoadError,
     load_verifier,
     register_verifier,
     registered_verifiers,
 )
-from pipeline.verifiers.base import CRASH, ERROR, OK, TIMEOUT, coerce_scores, merge_stats, summarize
-from pipeline.verifiers.isolation import IsolatedScorer
+from pipeline.data.verifiers.base import CRASH, ERROR, OK, TIMEOUT, coerce_scores, merge_stats, summarize
+from pipeline.data.verifiers.isolation import IsolatedScorer
 from schemas.verifier_config import FormatRewardSpec, VerifierConfig, VerifierSpec
 
 HERE = __name__
@@ -120,7 +120,7 @@ def test_exact_and_numeric():
 
 
 def test_arithmetic_uses_the_task_scorer():
-    from pipeline.task import score_response
+    from pipeline.data.addition import score_response
 
     response = "5+8+0=13;4+7+1=12;3+6+1=10;#1023"
     got = _score("arithmetic", [response, "5+8=13;#13", "no answer"], ["1023", "14", "1"])
@@ -331,7 +331,7 @@ def test_isolation_load_error_surfaces_at_start():
 def test_code_verifier_without_isolation_fails_closed():
     """Where no namespace can be made, the code verifier refuses to run code instead of running it in view
     of the host's files (here: no unshare(1) at all)."""
-    from pipeline.verifiers.code import SandboxUnavailable, probe_capabilities
+    from pipeline.data.verifiers.code import SandboxUnavailable, probe_capabilities
 
     with pytest.raises(SandboxUnavailable, match=r"refuses to run them.*unshare\(1\) not found"):
         probe_capabilities(unshare=None)

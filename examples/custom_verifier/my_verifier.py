@@ -6,7 +6,7 @@ Select it in a run config by import path (no registration needed)::
     verifier: {default: {name: "examples.custom_verifier.my_verifier:MyVerifier", options: {bonus: 0.1}}}
 """
 
-from pipeline.verifiers import Score
+from pipeline.data.verifiers import Score
 
 
 class MyVerifier:

@@ -1,6 +1,6 @@
 """Claim 3 tested where the theory applies: one plain SGD step, measured exactly, beside -eta * Cov.
 
-The entropy law of the paper (``pipeline.entropy_dynamics``) is first order in one small policy-gradient
+The entropy law of the paper (``pipeline.core.entropy_dynamics``) is first order in one small policy-gradient
 step; the run's own updates (Adam, several mini-batches, clipping) are far from that regime, so their
 per-step entropy change tracks the covariance only loosely. The probe takes the current weights and the
 step's on-policy batch, computes the gradient of the on-policy policy-gradient loss
@@ -17,7 +17,7 @@ Logged beside the measured change, from the same batch and weights:
   log-probs, averaged over groups.
 The probe batch is the step's own rollout batch: the law is about samples of the current policy, and a
 batch kept fixed across the run would drift off-policy as the policy moves. Within a probe the batch is
-fixed (every eta measures the same sequences). ``pipeline.study`` correlates measured and predicted
+fixed (every eta measures the same sequences). ``pipeline.analysis.study`` correlates measured and predicted
 changes over a run's probes, per eta.
 """
 
@@ -28,8 +28,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from pipeline.entropy_dynamics import predicted_entropy_change, predicted_entropy_change_by_group
-from pipeline.model_forward import batch_logprobs, make_micro_batch, micro_batches, response_logprobs
+from pipeline.core.entropy_dynamics import predicted_entropy_change, predicted_entropy_change_by_group
+from pipeline.core.model_forward import batch_logprobs, make_micro_batch, micro_batches, response_logprobs
 from schemas.batches import TrainBatch
 
 

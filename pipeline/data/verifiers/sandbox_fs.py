@@ -4,7 +4,7 @@ library, read-only, and nothing else of the host (no ``/etc/passwd``, no project
 ``interpreter_layout`` asks the interpreter once (on the host) which files it maps when every standard
 extension module is loaded and where its standard library lives; ``root_plan`` turns that into the list
 of operations the sandbox's boot script replays inside its own mount namespace on an empty tmpfs
-(``pipeline/verifiers/sandbox_boot.py``): make directories, recreate symlinks, bind-mount files and
+(``pipeline/data/verifiers/sandbox_boot.py``): make directories, recreate symlinks, bind-mount files and
 directories read-only, and hide the interpreter's ``site-packages`` behind an empty mount.
 
 Paths keep their host names (``/usr/lib/python3.11``), so the interpreter finds its prefix exactly as

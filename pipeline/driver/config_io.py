@@ -16,7 +16,7 @@ from pydantic import ValidationError
 
 from schemas.run_config import RunConfig
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
+DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "default.yaml"
 
 
 class ConfigError(ValueError):

@@ -13,7 +13,7 @@ import threading
 from fractions import Fraction
 from typing import Any
 
-from pipeline.verifiers.base import Score, Verifier, load_verifier, register_verifier
+from pipeline.data.verifiers.base import Score, Verifier, load_verifier, register_verifier
 
 _NUMBER = re.compile(r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)?(?:\.\d+)?(?:[eE][-+]?\d+)?(?:\s*/\s*\d+)?%?")
 
@@ -205,22 +205,22 @@ class NumericVerifier(Verifier):
 
 @register_verifier("arithmetic")
 class ArithmeticVerifier(Verifier):
-    """The built-in synthetic task's verifier (``pipeline.task.score_response``): the answer after ``#``."""
+    """The built-in synthetic task's verifier (``pipeline.data.addition.score_response``): the answer after ``#``."""
 
     def score(self, prompts, responses, ground_truths, extras) -> list[Score]:
-        from pipeline.task import score_response  # lazy: keeps this module light to import
+        from pipeline.data.addition import score_response  # lazy: keeps this module light to import
 
         return [Score(*score_response(r, g)) for r, g in zip(responses, ground_truths)]
 
 
 @register_verifier("countdown")
 class CountdownVerifier(Verifier):
-    """The countdown task's verifier (``pipeline.countdown.score_response``): replays the written steps
+    """The countdown task's verifier (``pipeline.data.countdown.score_response``): replays the written steps
     against the puzzle in the ground truth (``8,6,4>10``): arithmetic, each number used once, final value
     and ``#`` answer equal to the target. Every failure kind has its own reason."""
 
     def score(self, prompts, responses, ground_truths, extras) -> list[Score]:
-        from pipeline.countdown import score_response  # lazy: keeps this module light to import
+        from pipeline.data.countdown import score_response  # lazy: keeps this module light to import
 
         return [Score(*score_response(r, g)) for r, g in zip(responses, ground_truths)]
 
@@ -248,7 +248,7 @@ class FormatReward(Verifier):
         self.bonus, self.penalty, self.gate = bonus, penalty, gate
 
     def score(self, prompts, responses, ground_truths, extras) -> list[Score]:
-        from pipeline.verifiers.base import coerce_scores
+        from pipeline.data.verifiers.base import coerce_scores
 
         formatted = [self._pattern.search(r) is not None for r in responses]
         inner_idx = [i for i, ok in enumerate(formatted) if ok or not self.gate]

@@ -1,4 +1,4 @@
-"""Claim 3 from the SGD entropy probes (``pipeline.entropy_probe``): over many probes, does the exact
+"""Claim 3 from the SGD entropy probes (``pipeline.core.entropy_probe``): over many probes, does the exact
 entropy change of one small SGD step track the law's prediction ``-lr * Cov``?
 
 Pure over ``metrics.jsonl`` rows. For each probed lr, pooled over the given runs' probes:
@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.report import pearson
+from pipeline.analysis.report import pearson
 
 PREFIX = "probe/dH@lr"
 FORMS = {"token": "probe/cov_token", "group": "probe/cov_group", "vanilla": "probe/cov_token_vanilla"}

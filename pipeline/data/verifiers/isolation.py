@@ -33,7 +33,15 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
-from pipeline.verifiers.base import CRASH, ERROR, OK, TIMEOUT, VerifierLoadError, coerce_scores, load_verifier
+from pipeline.data.verifiers.base import (
+    CRASH,
+    ERROR,
+    OK,
+    TIMEOUT,
+    VerifierLoadError,
+    coerce_scores,
+    load_verifier,
+)
 from schemas.verifier_config import VerifierSpec
 
 _Item = tuple[int, str, str, str, str, dict]  # (index, route key, prompt, response, ground truth, extra)

@@ -60,7 +60,7 @@ class Verifier:
 
 
 _REGISTRY: dict[str, type] = {}
-_BUILTIN_MODULES = ("pipeline.verifiers.builtin", "pipeline.verifiers.code")
+_BUILTIN_MODULES = ("pipeline.data.verifiers.builtin", "pipeline.data.verifiers.code")
 
 
 class VerifierLoadError(ValueError):

@@ -1,7 +1,7 @@
 """Will a run config fit a cluster? What every role asks Ray for, and a greedy placement check.
 
 ``plan_resources(cfg)`` lists, per role, the resource bundles its actors ask for (one bundle per replica
-or learner rank, exactly as ``pipeline.roles`` requests them). ``check_satisfiable(cfg, cluster)`` packs
+or learner rank, exactly as ``pipeline.driver.roles`` requests them). ``check_satisfiable(cfg, cluster)`` packs
 those bundles onto the nodes of a ``ClusterSpec`` (first-fit, biggest demands first, learner ranks as a
 gang) and returns the problems found, each naming the role: an empty list means every role fits at once.
 
@@ -54,7 +54,7 @@ class RoleBundles:
 
 
 def plan_resources(cfg: RunConfig) -> list[RoleBundles]:
-    """Per role, one bundle per actor, as ``pipeline.roles.start_roles`` requests them.
+    """Per role, one bundle per actor, as ``pipeline.driver.roles.start_roles`` requests them.
 
     Learner ranks form one placement group (gang-scheduled); the reference role appears only when the
     run uses it (``algorithm.kl_coef > 0`` or ``reference.enabled: always``).

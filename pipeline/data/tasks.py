@@ -1,7 +1,7 @@
 """The built-in synthetic tasks behind one interface: what the data loader, the tiny-model bootstrap and the
 verifier routing need from a task, looked up by ``data.synthetic.task``.
 
-Tasks: ``addition`` (``pipeline.task``, the default) and ``countdown`` (``pipeline.countdown``); docs/tasks.md
+Tasks: ``addition`` (``pipeline.data.addition``, the default) and ``countdown`` (``pipeline.data.countdown``); docs/tasks.md
 says why each exists and how they were calibrated. Adding a task = a module with the functions below, a
 config class in ``schemas/data_config.py`` and one ``TaskSpec`` entry here.
 
@@ -15,8 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from pipeline import countdown
-from pipeline import task as addition
+from pipeline.data import addition, countdown
 from schemas.data_config import DataConfig, SyntheticTaskConfig, TaskConfig
 from schemas.verifier_config import VerifierConfig, VerifierSpec
 

@@ -1,7 +1,7 @@
 """The reproduction study's analysis: per-run claim numbers, per-arm aggregates over seeds, paired
 arm-vs-baseline differences, the markdown tables and per-arm figures (mean over seeds with a min-max band).
 
-Pure over ``metrics.jsonl`` rows (``pipeline.report`` loads them); ``bench/run_study.py`` trains the arms
+Pure over ``metrics.jsonl`` rows (``pipeline.analysis.report`` loads them); ``bench/run_study.py`` trains the arms
 and calls :func:`analyze`. Each number maps to one of the paper's four claims (docs/results.md):
 
 1. collapse: entropy start/end, the share of the entropy drop and of the accuracy gain reached in the
@@ -23,10 +23,10 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.law import fit_law
-from pipeline.probe_analysis import plot_probes, probe_summary, render_probe_table
-from pipeline.report import _num, fit_run_law, load_run, paired, pass_at_k_keys, pearson, series
-from pipeline.study_figures import plot_study
+from pipeline.analysis.probe_analysis import plot_probes, probe_summary, render_probe_table
+from pipeline.analysis.report import _num, fit_run_law, load_run, paired, pass_at_k_keys, pearson, series
+from pipeline.analysis.study_figures import plot_study
+from pipeline.core.law import fit_law
 
 EARLY_FRACTION = 1 / 3  # "early" for claim 1
 LAW_EARLY_FRACTION = 0.5  # eval points used to predict the ceiling (claim 2)

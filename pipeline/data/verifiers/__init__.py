@@ -4,7 +4,7 @@ imported on first lookup) and the worker-process isolation the verifier actor ru
 (``isolation.IsolatedScorer``).
 """
 
-from pipeline.verifiers.base import (
+from pipeline.data.verifiers.base import (
     Score,
     Verifier,
     VerifierLoadError,

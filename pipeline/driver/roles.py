@@ -2,7 +2,7 @@
 
 Reads like the topology: generators x G, verifiers x V, reference x R (only when needed), learner
 ranks x L (one placement group, so ranks are gang-scheduled), one named metrics actor. The verifiers
-get the built-in task's route added (``pipeline.tasks.verifier_config_for_run``). A role that
+get the built-in task's route added (``pipeline.data.tasks.verifier_config_for_run``). A role that
 fails to start raises RoleStartError naming the role and the reason, after every actor and placement
 group created so far has been released.
 """
@@ -23,7 +23,7 @@ from actors.learner import Learner
 from actors.metrics import Metrics
 from actors.reference import Reference
 from actors.verifier import VerifierActor
-from pipeline.tasks import verifier_config_for_run
+from pipeline.data.tasks import verifier_config_for_run
 from schemas.config import Resources
 from schemas.run_config import RunConfig
 
@@ -72,7 +72,7 @@ def _free_port() -> tuple[str, int]:
 def check_cluster_fits(cfg: RunConfig) -> None:
     """Fail fast, naming the role, when the connected cluster cannot host a role's replicas at all
     (e.g. a custom resource no node has) — instead of waiting for the start-up timeout."""
-    from pipeline.resource_plan import ClusterSpec, check_satisfiable
+    from pipeline.driver.resource_plan import ClusterSpec, check_satisfiable
 
     problems = check_satisfiable(cfg, ClusterSpec.from_ray_nodes(ray.nodes()))
     if problems:

@@ -1,7 +1,7 @@
 """Bootstrap of the embedded tiny model: build, warm-start by SFT, evaluate, cache.
 
 Why: no hub is reachable here, so the default run needs its own policy. A ~1.8M-parameter Llama with a
-character tokenizer is SFT'd on the configured built-in task (``pipeline.tasks``: addition by default, or
+character tokenizer is SFT'd on the configured built-in task (``pipeline.data.tasks``: addition by default, or
 countdown) until its held-out pass@1 at temperature 1 enters a target band (default [0.2, 0.6], stop at the
 first evaluation >= 0.3): good enough that RL gets reward signal, bad enough that RL has room to improve.
 The window is narrow (addition: step 125: 0.08, step 175: 0.52), so the stop is by evaluation, never a
@@ -32,9 +32,9 @@ import numpy as np
 import torch
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from pipeline.tasks import task_spec
-from pipeline.tiny_eval import evaluate_pass_at_1, evaluate_pass_at_k, expected_pass_at_1
-from pipeline.tokenizer import build_char_tokenizer
+from pipeline.data.tasks import task_spec
+from pipeline.data.tiny_eval import evaluate_pass_at_1, evaluate_pass_at_k, expected_pass_at_1
+from pipeline.data.tokenizer import build_char_tokenizer
 from schemas.data_config import TaskConfig, TinyModelConfig
 
 #: Bump when the build recipe changes in a way the config does not capture (invalidates the cache).

@@ -1,6 +1,6 @@
 """The reproduction study's figures: per-arm mean over seeds with a min-max band, and the pooled law.
 
-Split from ``pipeline.study`` (numbers and tables) so each stays small; pure over ``metrics.jsonl`` rows.
+Split from ``pipeline.analysis.study`` (numbers and tables) so each stays small; pure over ``metrics.jsonl`` rows.
 """
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.law import fit_law
-from pipeline.report import paired, pass_at_k_keys, series
+from pipeline.analysis.report import paired, pass_at_k_keys, series
+from pipeline.core.law import fit_law
 
 
 def _band(runs_rows: list[list[dict[str, Any]]], key: str):

@@ -12,8 +12,8 @@ import numpy as np
 import torch
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
-from pipeline import task
-from pipeline.pass_at_k import pass_at_k
+from pipeline.core.pass_at_k import pass_at_k
+from pipeline.data import addition as task
 
 
 @torch.no_grad()

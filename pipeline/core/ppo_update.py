@@ -37,9 +37,9 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from pipeline.entropy_dynamics import predicted_entropy_change
-from pipeline.entropy_probe import sgd_entropy_probe
-from pipeline.losses import (
+from pipeline.core.entropy_dynamics import predicted_entropy_change
+from pipeline.core.entropy_probe import sgd_entropy_probe
+from pipeline.core.losses import (
     PolicyLossFn,
     TokenSelector,
     aggregate_loss,
@@ -50,7 +50,7 @@ from pipeline.losses import (
     kl_penalty,
     token_covariance,
 )
-from pipeline.model_forward import (
+from pipeline.core.model_forward import (
     MicroBatch,
     batch_logprobs,
     make_micro_batch,
@@ -59,7 +59,7 @@ from pipeline.model_forward import (
     response_offsets,
     to_padded,
 )
-from pipeline.recipe import truncated_is_weights
+from pipeline.core.recipe import truncated_is_weights
 from schemas.batches import TrainBatch
 from schemas.run_config import AlgorithmConfig, LearnerConfig
 
@@ -178,7 +178,7 @@ def ppo_update(
     """Runs the update in place on ``trainable``; returns step metrics (identical on every rank) and,
     when ``inspect_top_k`` > 0, the batch's top tokens by covariance (before the update).
     ``entropy_probe_lrs``: rank 0 first probes one SGD step per lr from the step-start weights
-    (``pipeline.entropy_probe``; the weights are restored before the update)."""
+    (``pipeline.core.entropy_probe``; the weights are restored before the update)."""
     model, loss_cfg = trainable.module, algo.policy_loss
     n = len(batch)
     r_len = batch.response_lengths

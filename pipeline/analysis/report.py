@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.law import fit_law
+from pipeline.core.law import fit_law
 
 FIGURES = (
     "entropy.png",

@@ -14,7 +14,7 @@ from typing import Any
 import ray
 from ray.exceptions import RayActorError
 
-from pipeline.batching import concat_rollouts, split_prompts
+from pipeline.core.batching import concat_rollouts, split_prompts
 from schemas.batches import PromptBatch, RolloutBatch
 
 

@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from pipeline import tasks
+from pipeline.data import tasks
 from schemas.data_config import DataConfig
 
 _JSONL_EXT = {".jsonl", ".json", ".ndjson"}

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pipeline.logprobs import logprobs_and_entropy, logprobs_from_hidden
+from pipeline.core.logprobs import logprobs_and_entropy, logprobs_from_hidden
 from schemas.batches import TrainBatch
 
 

@@ -20,16 +20,16 @@ import ray
 import torch
 
 from actors.verifier import score_with_pool
-from pipeline import checkpoint as ckpt
-from pipeline.advantages import compute_advantages
-from pipeline.batching import build_train_batch
-from pipeline.entropy_control import EntropyController
-from pipeline.generation import GeneratorPool, Launched, RoleFailure
-from pipeline.pass_at_k import pass_at_k_metrics
-from pipeline.progress import Progress
-from pipeline.recipe import fill_informative, handle_overlong, reward_metrics
-from pipeline.roles import Roles
-from pipeline.verifiers.base import merge_stats
+from pipeline.core.advantages import compute_advantages
+from pipeline.core.batching import build_train_batch
+from pipeline.core.entropy_control import EntropyController
+from pipeline.core.pass_at_k import pass_at_k_metrics
+from pipeline.core.recipe import fill_informative, handle_overlong, reward_metrics
+from pipeline.data.verifiers.base import merge_stats
+from pipeline.driver import checkpoint as ckpt
+from pipeline.driver.generation import GeneratorPool, Launched, RoleFailure
+from pipeline.driver.progress import Progress
+from pipeline.driver.roles import Roles
 from schemas.batches import MetricsRecord, PromptBatch, Ragged, RolloutBatch, ScoredBatch
 from schemas.run_config import RunConfig
 
@@ -38,7 +38,7 @@ from schemas.run_config import RunConfig
 class DataSource:
     """What the driver needs from the data layer: a resumable train stream and held-out rows."""
 
-    stream: Any  # pipeline.data.PromptStream
+    stream: Any  # pipeline.data.datasets.PromptStream
     eval_rows: list[dict[str, Any]]
     tokenizer: Any
 
@@ -230,7 +230,7 @@ class Trainer:
     # ------------------------------------------------------------------ the step
     def collect(self, step: int) -> tuple[ScoredBatch, dict[str, float], list[int], dict[str, float]]:
         """Scored rollouts to train on, generation stats, every prompt id drawn and sampling metrics:
-        one round, or dynamic sampling (``algorithm.dynamic_sampling``, pipeline.recipe.fill_informative)."""
+        one round, or dynamic sampling (``algorithm.dynamic_sampling``, pipeline.core.recipe.fill_informative)."""
         cfg, sched = self.cfg, self.cfg.schedule
         ds = cfg.algorithm.dynamic_sampling
         gen_parts: list[dict[str, float]] = []

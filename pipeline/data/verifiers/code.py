@@ -47,9 +47,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.verifiers import sandbox_fs
-from pipeline.verifiers.base import Score, Verifier, register_verifier
-from pipeline.verifiers.sandbox_cgroup import MemoryCgroup, find_memory_cgroup, owner_pid, run_prefix
+from pipeline.data.verifiers import sandbox_fs
+from pipeline.data.verifiers.base import Score, Verifier, register_verifier
+from pipeline.data.verifiers.sandbox_cgroup import MemoryCgroup, find_memory_cgroup, owner_pid, run_prefix
 
 _BOOT = (Path(__file__).with_name("sandbox_boot.py")).read_text()
 _NAMESPACES = ("--mount", "--net", "--ipc", "--pid", "--fork", "--kill-child")

@@ -8,7 +8,7 @@
   (:func:`soft_overlong_penalty`) added to the reward before advantages.
 - Truncated importance sampling for the sampler/learner log-prob mismatch
   (:func:`truncated_is_weights`); the weights multiply each token's policy loss
-  (``pipeline.losses.aggregate_loss(token_weights=...)``).
+  (``pipeline.core.losses.aggregate_loss(token_weights=...)``).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from pipeline.batching import concat_rollouts, take_prompts
+from pipeline.core.batching import concat_rollouts, take_prompts
 from schemas.batches import FINISH_LENGTH, RolloutBatch, ScoredBatch
 
 # ------------------------------------------------------------------------------ dynamic sampling

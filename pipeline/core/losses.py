@@ -10,7 +10,7 @@ tokens), ``config`` a :class:`schemas.config.PolicyLossConfig`, ``loss`` a scala
 ``stats`` a dict of detached 0-dim tensors with stable names.
 ``token_weights`` (optional, (N, T), treated as constants) multiply each token's policy loss before
 aggregation -- the truncated importance-sampling correction for sampler/learner mismatch
-(``pipeline.recipe.truncated_is_weights``). Callers pass it only when set, so losses registered
+(``pipeline.core.recipe.truncated_is_weights``). Callers pass it only when set, so losses registered
 without the keyword keep working.
 
 The covariance that drives Clip-Cov and KL-Cov (Cui et al. 2025, the per-token Cov(y_i) of Clip-Cov / KL-Cov) is, per
