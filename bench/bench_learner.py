@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench._models import build_random_model  # noqa: E402
 from pipeline.core.batching import synthetic_train_batch  # noqa: E402
 from schemas.batches import TrainBatch  # noqa: E402
-from schemas.config import PolicyLossConfig  # noqa: E402
+from schemas.config import policy_loss  # noqa: E402
 from schemas.run_config import AlgorithmConfig, LearnerConfig  # noqa: E402
 
 VARIANTS = {
@@ -134,7 +134,7 @@ def compare_losses(learner, batch, tokens, args, *, target: float) -> None:
     times: dict[str, list[float]] = {k: [] for k in VARIANTS}
     for rep in range(args.repeats + 1):
         for name, (loss, scope) in VARIANTS.items():
-            learner.algo = AlgorithmConfig(policy_loss=PolicyLossConfig(**loss))
+            learner.algo = AlgorithmConfig(policy_loss=policy_loss(**loss))
             learner.cfg = learner.cfg.model_copy(update={"selection_logprobs": scope})
             t0 = time.perf_counter()
             learner.train_step(batch, step=rep + 1)

@@ -21,8 +21,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.core.losses import _clipped_surrogate, aggregate_loss, get_policy_loss, select_tokens  # noqa: E402
-from schemas.config import PolicyLossConfig  # noqa: E402
+from pipeline.core.aggregation import aggregate_loss  # noqa: E402
+from pipeline.core.losses import _clipped_surrogate, get_policy_loss, select_tokens  # noqa: E402
+from schemas.config import policy_loss  # noqa: E402
 
 TARGET = 1.10
 
@@ -65,9 +66,9 @@ def main() -> int:
     )
 
     configs = {
-        "ppo": PolicyLossConfig(name="ppo", clip_ratio_high=0.28),
-        "clip_cov": PolicyLossConfig(name="clip_cov", clip_ratio_high=0.28),
-        "kl_cov": PolicyLossConfig(name="kl_cov"),
+        "ppo": policy_loss(name="ppo", clip_ratio_high=0.28),
+        "clip_cov": policy_loss(name="clip_cov", clip_ratio_high=0.28),
+        "kl_cov": policy_loss(name="kl_cov"),
     }
 
     def make_step(name: str, global_sel: bool = False):

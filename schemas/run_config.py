@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from schemas.config import PolicyLossConfig, Resources, Strict
+from schemas.config import PolicyLossConfig, PPOLossConfig, Resources, Strict
 from schemas.control_config import EntropyControlConfig
 from schemas.data_config import DataConfig, TinyModelConfig
 from schemas.verifier_config import VerifierConfig
@@ -69,7 +69,11 @@ class OverlongConfig(Strict):
 
 class AlgorithmConfig(Strict):
     advantage: AdvantageConfig = AdvantageConfig()
-    policy_loss: PolicyLossConfig = PolicyLossConfig()
+    policy_loss: PolicyLossConfig = Field(
+        default_factory=PPOLossConfig,
+        description="The policy loss; `name` selects it (ppo, clip_cov, kl_cov or an import path) and only that "
+        "loss's fields are accepted.",
+    )
     dynamic_sampling: DynamicSamplingConfig = DynamicSamplingConfig()
     is_correction: ISCorrectionConfig = ISCorrectionConfig()
     overlong: OverlongConfig = OverlongConfig()

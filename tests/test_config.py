@@ -35,7 +35,8 @@ def test_override_by_dotted_path_and_yaml_scalars():
         ("learner.nope=1", "learner.nope: unknown key"),
         ("schedule.steps=abc", "schedule.steps: Input should be a valid integer"),
         ("learner.lr=-1", "learner.lr: Input should be greater than 0"),
-        ("algorithm.policy_loss.clip_cov_lb=9", "clip_cov_lb must be < clip_cov_ub"),
+        ("algorithm.policy_loss.clip_cov_lb=9", "algorithm.policy_loss.clip_cov_lb: not a field of 'ppo'"),
+        ("algorithm.policy_loss.name=foo", "unknown policy loss name"),
         ("learner.mini_batches=5", "must be divisible by learner.mini_batches"),
         ("learner", "expected KEY=VALUE"),
         ("schedule.steps.x=1", "'schedule.steps' is a value, not a section"),
@@ -45,6 +46,23 @@ def test_errors_name_the_field(override, needle):
     with pytest.raises(ConfigError) as e:
         load_config(None, [override])
     assert needle in str(e.value)
+
+
+def test_policy_loss_config_is_chosen_by_name():
+    """Each loss takes only its own fields; the band check of Clip-Cov still applies."""
+    cfg = load_config(
+        None, ["algorithm.policy_loss={name: clip_cov, clip_cov_lb: 0.5, clip_ratio_high: 0.28}"]
+    )
+    assert type(cfg.algorithm.policy_loss).__name__ == "ClipCovLossConfig"
+    assert cfg.algorithm.policy_loss.clip_ratio_high == 0.28
+    with pytest.raises(ConfigError, match="clip_cov_lb must be < clip_cov_ub"):
+        load_config(None, ["algorithm.policy_loss={name: clip_cov, clip_cov_lb: 9}"])
+    with pytest.raises(ConfigError, match=r"policy_loss.clip_ratio_low: not a field of 'kl_cov'"):
+        load_config(None, ["algorithm.policy_loss={name: kl_cov, clip_ratio_low: 0.1}"])
+    with pytest.raises(ConfigError, match=r"unknown policy loss name.*\(got 'nope'\)"):
+        load_config(None, ["algorithm.policy_loss.name=nope"])
+    custom = load_config(None, ["algorithm.policy_loss={name: 'my.losses:pg', options: {beta: 2}}"])
+    assert custom.algorithm.policy_loss.options == {"beta": 2}
 
 
 def test_resolved_config_round_trips(tmp_path):
@@ -145,8 +163,8 @@ def test_async_core_lending_that_oversubscribes_warns():
         "learner.lr=inf",
         "learner.lr=.nan",
         "learner.grad_clip=.inf",
-        "algorithm.policy_loss.clip_cov_ub=inf",
-        "algorithm.policy_loss.clip_cov_lb=-inf",
+        "algorithm.policy_loss={name: clip_cov, clip_cov_ub: .inf}",
+        "algorithm.policy_loss={name: clip_cov, clip_cov_lb: -.inf}",
         "verifier.timeout_s=nan",
         "generator.resources.custom={gen_node: .inf}",
         "schedule.eval_temperature=inf",
@@ -155,6 +173,8 @@ def test_async_core_lending_that_oversubscribes_warns():
 )
 def test_non_finite_floats_are_rejected_naming_the_field(override):
     field = override.split("=")[0]
+    if field == "algorithm.policy_loss":  # a whole section: name the field inside it
+        field += "." + override.split("{name: clip_cov, ")[1].split(":")[0]
     with pytest.raises(ConfigError) as e:
         load_config(None, [override])
     assert f"{field}" in str(e.value) and "finite number" in str(e.value)

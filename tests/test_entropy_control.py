@@ -16,7 +16,7 @@ from pipeline.core.entropy_control import (
     kl_cov_is_noop,
     run_toy,
 )
-from schemas.config import PolicyLossConfig
+from schemas.config import policy_loss
 from schemas.control_config import EntropyControlConfig
 
 # The toy: 64 states x 10 actions, groups of 8, reward 1 for the best action plus N(0, 0.3) noise.
@@ -86,7 +86,7 @@ def test_knob_field_and_method_checks():
 def test_overrides_apply_to_a_validated_policy_loss_copy():
     ctrl = EntropyController(_cfg(target=1.0), "kl_cov", 2e-3)
     assert ctrl.overrides() == {"kl_cov_ratio": 2e-3}
-    base = PolicyLossConfig(name="kl_cov")
+    base = policy_loss(name="kl_cov")
     new = apply_overrides(base, {"kl_cov_ratio": 0.05})
     assert new.kl_cov_ratio == 0.05 and base.kl_cov_ratio == 2e-3 and new.kl_cov_beta == base.kl_cov_beta
     with pytest.raises(ValidationError):

@@ -8,8 +8,8 @@ import pytest
 from transformers import LlamaForCausalLM
 
 from actors.learner import Learner
-from schemas.config import PolicyLossConfig
 from schemas.run_config import AlgorithmConfig, LearnerConfig
+from tests.helpers import loss_cfg
 from tests.test_ppo_update import random_batch, tiny_model
 
 pytestmark = [pytest.mark.ray, pytest.mark.e2e]
@@ -33,7 +33,7 @@ def train_with(ray, model_dir, ranks, zero_stage, loss="clip_cov"):
         ranks=ranks, zero_stage=zero_stage, micro_batch_size=4, mini_batches=3, lr=1e-2, threads=1
     )
     algo = AlgorithmConfig(
-        policy_loss=PolicyLossConfig(name=loss, clip_cov_lb=-10.0, clip_cov_ub=10.0, clip_cov_ratio=0.2)
+        policy_loss=loss_cfg(loss, clip_cov_lb=-10.0, clip_cov_ub=10.0, clip_cov_ratio=0.2)
     )
     port = free_port()
     actors = [

@@ -7,23 +7,20 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from pipeline.core.aggregation import AGG_MODES, aggregate_loss, loss_normalizer
+from pipeline.core.covariance import select_clip_cov, select_kl_cov, token_covariance
 from pipeline.core.losses import (
-    AGG_MODES,
-    aggregate_loss,
     clip_cov_loss,
     entropy_bonus,
     get_policy_loss,
     kl_cov_loss,
     kl_penalty,
-    loss_normalizer,
     ppo_loss,
     register_policy_loss,
-    select_clip_cov,
-    select_kl_cov,
     select_tokens,
-    token_covariance,
 )
-from schemas.config import PolicyLossConfig
+from schemas.config import policy_loss
+from tests.helpers import loss_cfg
 
 LOG = math.log
 
@@ -54,7 +51,7 @@ def _ppo_case():
 
 def test_ppo_hand_computed_clip_higher():
     logp, old, adv, mask = _ppo_case()
-    cfg = PolicyLossConfig(clip_ratio_low=0.2, clip_ratio_high=0.28)
+    cfg = policy_loss(clip_ratio_low=0.2, clip_ratio_high=0.28)
     loss, stats = ppo_loss(logp, old, adv, mask, cfg)
     assert loss.item() == pytest.approx(0.255, abs=1e-12)
     loss.backward()
@@ -71,14 +68,14 @@ def test_ppo_dual_clip():
     logp, old, adv, mask = _ppo_case()
     with torch.no_grad():
         logp[0, 3] = LOG(4.0)
-    cfg = PolicyLossConfig(clip_ratio_low=0.2, clip_ratio_high=0.28, clip_ratio_c=3.0)
+    cfg = policy_loss(clip_ratio_low=0.2, clip_ratio_high=0.28, clip_ratio_c=3.0)
     loss, stats = ppo_loss(logp, old, adv, mask, cfg)
     assert loss.item() == pytest.approx(0.505, abs=1e-12)
     loss.backward()
     torch.testing.assert_close(logp.grad, torch.tensor([[0.0, -0.125, 0.0, 0.0, 0.0]], dtype=torch.float64))
     assert stats["pg_clipfrac_lower"].item() == pytest.approx(0.25)
     # Without dual clip the same token keeps loss 4 and gradient -A r / 4 = 1.
-    loss_nc, _ = ppo_loss(logp, old, adv, mask, PolicyLossConfig(clip_ratio_low=0.2, clip_ratio_high=0.28))
+    loss_nc, _ = ppo_loss(logp, old, adv, mask, policy_loss(clip_ratio_low=0.2, clip_ratio_high=0.28))
     assert loss_nc.item() == pytest.approx((-1.28 - 0.5 + 0.8 + 4.0) / 4)
 
 
@@ -112,7 +109,7 @@ def test_clip_cov_hand_computed_zero_gradient_on_selected():
     # Per-token -A r = [[-1, -1], [1, 1]] -> [[0, -1], [1, 1]]; token-mean over all 4 = 1/4.
     # Gradient -A r / 4 except the selected token: [[0, -0.25], [0.25, 0.25]].
     logp, adv, mask = _cov_case()
-    cfg = PolicyLossConfig(name="clip_cov", clip_cov_lb=0.5, clip_cov_ub=5.0, clip_cov_ratio=0.25)
+    cfg = policy_loss(name="clip_cov", clip_cov_lb=0.5, clip_cov_ub=5.0, clip_cov_ratio=0.25)
     loss, stats = clip_cov_loss(logp, logp.detach(), adv, mask, cfg)
     assert loss.item() == pytest.approx(0.25)
     loss.backward()
@@ -131,7 +128,7 @@ def test_clip_cov_excludes_ppo_clipped_tokens():
     logp, adv, mask = _cov_case()
     old = logp.detach().clone()
     old[0, 0] -= LOG(1.5)
-    cfg = PolicyLossConfig(name="clip_cov", clip_cov_lb=0.5, clip_cov_ub=5.0, clip_cov_ratio=0.25)
+    cfg = policy_loss(name="clip_cov", clip_cov_lb=0.5, clip_cov_ub=5.0, clip_cov_ratio=0.25)
     loss, stats = clip_cov_loss(logp, old, adv, mask, cfg)
     assert loss.item() == pytest.approx(-0.05)
     assert stats["cov/selected_frac"].item() == 0.0
@@ -140,7 +137,7 @@ def test_clip_cov_excludes_ppo_clipped_tokens():
 
 def test_clip_cov_band_is_open_and_upper_bounded():
     cov = torch.tensor([0.5, 1.0, 2.0, 5.0, 7.0])
-    cfg = PolicyLossConfig(clip_cov_lb=1.0, clip_cov_ub=5.0, clip_cov_ratio=1.0)
+    cfg = policy_loss(name="clip_cov", clip_cov_lb=1.0, clip_cov_ub=5.0, clip_cov_ratio=1.0)
     sel = select_clip_cov(cov, torch.ones(5, dtype=torch.bool), 5, cfg)
     assert sel.tolist() == [False, False, True, False, False]  # 1 < cov < 5 strictly
 
@@ -150,14 +147,14 @@ def test_clip_cov_random_selection_count_and_determinism():
     cov = torch.zeros(10, 10)
     cov.view(-1)[:40] = 2.0
     cand = torch.ones(10, 10, dtype=torch.bool)
-    cfg = PolicyLossConfig(clip_cov_ratio=0.1)
+    cfg = policy_loss(name="clip_cov", clip_cov_ratio=0.1)
     picks = [select_clip_cov(cov, cand, 100, cfg, torch.Generator().manual_seed(s)) for s in (1, 1, 2)]
     assert int(picks[0].sum()) == 10
     assert bool((cov[picks[0]] == 2.0).all())
     assert torch.equal(picks[0], picks[1])
     assert not torch.equal(picks[0], picks[2])
     # Fewer candidates than k: all of them.
-    assert int(select_clip_cov(cov, cand, 1000, PolicyLossConfig(clip_cov_ratio=0.5)).sum()) == 40
+    assert int(select_clip_cov(cov, cand, 1000, policy_loss(name="clip_cov", clip_cov_ratio=0.5)).sum()) == 40
 
 
 # --------------------------------------------------------------------------------------- KL-Cov
@@ -171,7 +168,7 @@ def test_kl_cov_hand_computed_penalty_gradient():
     # second row +e^0.1/4.
     logp, adv, mask = _cov_case()
     old = logp.detach() - 0.1
-    cfg = PolicyLossConfig(name="kl_cov", kl_cov_ratio=0.25, kl_cov_beta=1.0)
+    cfg = policy_loss(name="kl_cov", kl_cov_ratio=0.25, kl_cov_beta=1.0)
     loss, stats = kl_cov_loss(logp, old, adv, mask, cfg)
     assert loss.item() == pytest.approx(0.025)
     loss.backward()
@@ -186,7 +183,7 @@ def test_kl_cov_hand_computed_penalty_gradient():
 def test_kl_cov_has_no_ratio_clipping_and_is_noop_on_policy():
     # r = 3 with A = +1 would be clipped by PPO; KL-Cov keeps -A r = -3 and gradient -3 (1 token).
     logp = _leaf([[LOG(3.0)]])
-    cfg = PolicyLossConfig(name="kl_cov", kl_cov_ratio=0.5, kl_cov_beta=0.0)
+    cfg = policy_loss(name="kl_cov", kl_cov_ratio=0.5, kl_cov_beta=0.0)
     loss, _ = kl_cov_loss(
         logp,
         torch.zeros(1, 1, dtype=torch.float64),
@@ -200,7 +197,7 @@ def test_kl_cov_has_no_ratio_clipping_and_is_noop_on_policy():
     # On-policy the penalty is 0: KL-Cov loss == -mean(A) and the no-op stat reads 0.
     logp, adv, mask = _cov_case()
     adv = adv + torch.tensor([[0.5, 0.0], [0.0, 0.0]], dtype=torch.float64)
-    loss, stats = kl_cov_loss(logp, logp.detach(), adv, mask, PolicyLossConfig(kl_cov_ratio=0.5))
+    loss, stats = kl_cov_loss(logp, logp.detach(), adv, mask, policy_loss(name="kl_cov", kl_cov_ratio=0.5))
     assert loss.item() == pytest.approx(-0.5 / 4)
     assert stats["kl_cov/abs_kl_selected"].item() == 0.0
 
@@ -208,7 +205,7 @@ def test_kl_cov_has_no_ratio_clipping_and_is_noop_on_policy():
 def test_select_kl_cov_top_k_ignores_padding():
     cov = torch.tensor([[3.0, 1.0, 9.0], [2.0, 0.5, 8.0]])
     mask = torch.tensor([[1, 1, 0], [1, 1, 0]], dtype=torch.bool)  # 9 and 8 are padding
-    sel = select_kl_cov(cov, mask, 4, PolicyLossConfig(kl_cov_ratio=0.5))  # k = 2
+    sel = select_kl_cov(cov, mask, 4, policy_loss(name="kl_cov", kl_cov_ratio=0.5))  # k = 2
     assert sel.tolist() == [[True, False, False], [True, False, False]]
 
 
@@ -277,8 +274,8 @@ def test_loss_split_invariance_with_global_selection(seed, n, t, mode, name, dat
     and the same gradient, however the batch is split."""
     logp, old, adv, mask = _random_batch(seed, n, t)
     # Wide band and large ratios so that selections are non-trivial on tiny batches.
-    cfg = PolicyLossConfig(
-        name=name,
+    cfg = loss_cfg(
+        name,
         loss_agg_mode=mode,
         clip_cov_lb=-1.0,
         clip_cov_ub=10.0,
@@ -310,9 +307,7 @@ def test_loss_split_invariance_with_global_selection(seed, n, t, mode, name, dat
 def test_global_selection_matches_in_batch_selection(name):
     # On the full batch, select_tokens reproduces the loss's own (reference) selection.
     logp, old, adv, mask = _random_batch(3, 16, 12)
-    cfg = PolicyLossConfig(
-        name=name, clip_cov_lb=0.0, clip_cov_ub=10.0, clip_cov_ratio=0.05, kl_cov_ratio=0.05
-    )
+    cfg = loss_cfg(name, clip_cov_lb=0.0, clip_cov_ub=10.0, clip_cov_ratio=0.05, kl_cov_ratio=0.05)
     fn = get_policy_loss(name)
     own, s1 = fn(logp, old, adv, mask, cfg, generator=torch.Generator().manual_seed(7))
     sel = select_tokens(logp, old, adv, mask, cfg, generator=torch.Generator().manual_seed(7))
@@ -332,8 +327,8 @@ def test_registry():
 
     @register_policy_loss("test_only_vanilla_pg")
     def _pg(
-        log_prob,
-        old_log_prob,
+        logprobs,
+        old_logprobs,
         advantages,
         response_mask,
         config,
@@ -342,7 +337,7 @@ def test_registry():
         selected=None,
         generator=None,
     ):
-        return aggregate_loss(-advantages * log_prob, response_mask, "token-mean"), {}
+        return aggregate_loss(-advantages * logprobs, response_mask, "token-mean"), {}
 
     assert get_policy_loss("test_only_vanilla_pg") is _pg
 
@@ -371,13 +366,12 @@ def test_selected_gradients_random_batch():
     than the plain -A r term, the rest exactly that term."""
     logp, old, adv, mask = _random_batch(11, 12, 10)
     n_valid = int(mask.sum())
-    cfg = PolicyLossConfig(
-        clip_cov_lb=0.0, clip_cov_ub=10.0, clip_cov_ratio=0.1, kl_cov_ratio=0.1, kl_cov_beta=0.7
-    )
+    shared = dict(clip_cov_lb=0.0, clip_cov_ub=10.0, clip_cov_ratio=0.1, kl_cov_ratio=0.1, kl_cov_beta=0.7)
+    cfgs = {name: loss_cfg(name, **shared) for name in ("ppo", "clip_cov", "kl_cov")}
 
-    def grad(fn, **kw):
+    def grad(fn, name, **kw):
         lp = logp.clone().requires_grad_(True)
-        fn(lp, old, adv, mask, cfg, **kw)[0].backward()
+        fn(lp, old, adv, mask, cfgs[name], **kw)[0].backward()
         return lp.grad
 
     sel = select_tokens(
@@ -385,16 +379,16 @@ def test_selected_gradients_random_batch():
         old,
         adv,
         mask,
-        cfg.model_copy(update={"name": "clip_cov"}),
+        cfgs["clip_cov"],
         generator=torch.Generator().manual_seed(0),
     )
     assert int(sel.sum()) == max(1, int(0.1 * n_valid))
-    g_cc, g_ppo = grad(clip_cov_loss, selected=sel), grad(ppo_loss)
+    g_cc, g_ppo = grad(clip_cov_loss, "clip_cov", selected=sel), grad(ppo_loss, "ppo")
     assert bool((g_cc[sel] == 0).all()) and bool((g_ppo[sel] != 0).any())
     torch.testing.assert_close(g_cc[~sel], g_ppo[~sel])
 
-    sel = select_tokens(logp, old, adv, mask, cfg.model_copy(update={"name": "kl_cov"}))
-    g_kl = grad(kl_cov_loss, selected=sel)
+    sel = select_tokens(logp, old, adv, mask, cfgs["kl_cov"])
+    g_kl = grad(kl_cov_loss, "kl_cov", selected=sel)
     plain = torch.where(mask, -adv * torch.exp(logp - old), 0.0) / n_valid  # d(-A r)/dlogp = -A r
     extra = torch.where(sel, 0.7 * torch.sign(logp - old) / n_valid, 0.0)
     torch.testing.assert_close(g_kl, plain + extra)

@@ -14,8 +14,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from pipeline.core.batching import synthetic_train_batch
 from pipeline.core.model_forward import make_micro_batch, micro_batches, response_logprobs
 from pipeline.core.ppo_update import ppo_update
-from schemas.config import PolicyLossConfig
 from schemas.run_config import AlgorithmConfig, LearnerConfig
+from tests.helpers import loss_cfg
 
 
 def tiny_model(seed=0):
@@ -68,8 +68,8 @@ def test_response_logprobs_match_naive_forward():
 
 def run_update(model, batch, loss_name, micro, mini=3, selection="current", tokens=None):
     algo = AlgorithmConfig(
-        policy_loss=PolicyLossConfig(
-            name=loss_name, clip_cov_lb=-10.0, clip_cov_ub=10.0, clip_cov_ratio=0.2, kl_cov_ratio=0.2
+        policy_loss=loss_cfg(
+            loss_name, clip_cov_lb=-10.0, clip_cov_ub=10.0, clip_cov_ratio=0.2, kl_cov_ratio=0.2
         )
     )
     learner = LearnerConfig(
@@ -171,8 +171,8 @@ def test_two_ranks_equal_one_rank(loss_name):
     ranks = ThreadRanks(2)
     models = [tiny_model(), tiny_model()]
     algo = AlgorithmConfig(
-        policy_loss=PolicyLossConfig(
-            name=loss_name, clip_cov_lb=-10.0, clip_cov_ub=10.0, clip_cov_ratio=0.2, kl_cov_ratio=0.2
+        policy_loss=loss_cfg(
+            loss_name, clip_cov_lb=-10.0, clip_cov_ub=10.0, clip_cov_ratio=0.2, kl_cov_ratio=0.2
         )
     )
     learner = LearnerConfig(micro_batch_size=4, mini_batches=3)

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.core.aggregation import aggregate_loss
 from pipeline.core.batching import synthetic_train_batch
-from pipeline.core.losses import aggregate_loss, get_policy_loss
+from pipeline.core.losses import get_policy_loss
 from pipeline.core.ppo_update import ppo_update
 from pipeline.core.recipe import (
     fill_informative,
@@ -30,8 +31,9 @@ from schemas.batches import (
     RolloutBatch,
     ScoredBatch,
 )
-from schemas.config import PolicyLossConfig
+from schemas.config import policy_loss
 from schemas.run_config import AlgorithmConfig, ISCorrectionConfig, LearnerConfig, RunConfig
+from tests.helpers import loss_cfg
 from tests.test_ppo_update import tiny_model
 
 # ------------------------------------------------------------------------------ fakes
@@ -210,9 +212,7 @@ def test_masked_overlong_rows_get_no_gradient(loss_name):
     resp[2, 3:] = False
     loss_mask = torch.tensor([1.0, 0.0, 1.0, 0.0])  # rows 1 and 3 truncated
     mask = resp & (loss_mask[:, None] > 0)  # as ppo_update builds it
-    cfg = PolicyLossConfig(
-        name=loss_name, clip_cov_lb=-10.0, clip_cov_ub=10.0, clip_cov_ratio=0.5, kl_cov_ratio=0.5
-    )
+    cfg = loss_cfg(loss_name, clip_cov_lb=-10.0, clip_cov_ub=10.0, clip_cov_ratio=0.5, kl_cov_ratio=0.5)
     w = torch.full((n, t), 1.5)
     loss, _ = get_policy_loss(loss_name)(
         logp,
@@ -254,7 +254,7 @@ def test_token_weights_scale_each_tokens_gradient():
     adv = torch.tensor([[2.0, 2.0, 2.0], [-1.0, -1.0, 0.0]])
     mask = torch.tensor([[True, True, True], [True, True, False]])
     w = torch.tensor([[1.0, 0.5, 2.0], [0.25, 1.0, 7.0]])
-    loss, _ = get_policy_loss("ppo")(logp, logp.detach(), adv, mask, PolicyLossConfig(), token_weights=w)
+    loss, _ = get_policy_loss("ppo")(logp, logp.detach(), adv, mask, policy_loss(), token_weights=w)
     loss.backward()
     want = torch.tensor([[-2 * 1.0, -2 * 0.5, -2 * 2.0], [0.25, 1.0, 0.0]]) / 5
     torch.testing.assert_close(logp.grad, want)

@@ -20,8 +20,9 @@ import torch
 from pipeline.core.losses import clip_cov_candidates, get_policy_loss, get_token_selector
 from pipeline.core.ppo_update import StepState, update_mini_batch
 from schemas.batches import Ragged, TrainBatch
-from schemas.config import PolicyLossConfig
+from schemas.config import policy_loss
 from schemas.run_config import AlgorithmConfig, LearnerConfig
+from tests.helpers import loss_cfg
 
 CASES = json.loads((Path(__file__).parent / "data" / "verl_reference_cases.json").read_text())["cases"]
 
@@ -152,7 +153,7 @@ def test_clip_cov_hand_derived(micro_batch_size):
     # but t3 is PPO-clipped, so t0 is detached: loss = (0 - 0.5 + 1.25 + 0.8) / 4 = 0.3875.
     # (Ranking by the step-start log-probs would detach t2 instead: (-1 - 0.5 + 0 + 0.8) / 4 = -0.175.)
     model, batch = chain_case(HAND["lengths"], HAND["advantages"], HAND["current"], HAND["old"])
-    cfg = PolicyLossConfig(name="clip_cov", clip_cov_ratio=0.25, clip_cov_lb=0.1, clip_cov_ub=1.0)
+    cfg = policy_loss(name="clip_cov", clip_cov_ratio=0.25, clip_cov_lb=0.1, clip_cov_ub=1.0)
     state, _ = one_update(model, batch, HAND["old"], cfg, LearnerConfig(micro_batch_size=micro_batch_size))
     assert state.loss_sum == pytest.approx(0.3875, abs=1e-6)
     assert state.acc.sums["cov/selected_frac"] / state.acc.weight == pytest.approx(0.25)
@@ -165,7 +166,7 @@ def test_kl_cov_hand_derived(micro_batch_size):
     # loss = (0.25 + ln 2) / 4 = 0.235789.
     # (Ranking by the step-start log-probs would penalise t2 (0.213, |ln.5 - ln.4| = 0.2231) instead of t3.)
     model, batch = chain_case(HAND["lengths"], HAND["advantages"], HAND["current"], HAND["old"])
-    cfg = PolicyLossConfig(name="kl_cov", kl_cov_ratio=0.5, kl_cov_beta=1.0)
+    cfg = policy_loss(name="kl_cov", kl_cov_ratio=0.5, kl_cov_beta=1.0)
     state, _ = one_update(model, batch, HAND["old"], cfg, LearnerConfig(micro_batch_size=micro_batch_size))
     assert state.loss_sum == pytest.approx((0.25 + math.log(2)) / 4, abs=1e-6)
 
@@ -178,7 +179,7 @@ def test_default_update_matches_the_reference_port(case, micro_batch_size):
     assert case["step_start_ranking_differs"]
     lengths, pl = case["lengths"], case["policy_loss"]
     fields = {"clip_cov_ratio", "clip_cov_lb", "clip_cov_ub", "kl_cov_ratio"}
-    cfg = PolicyLossConfig(
+    cfg = policy_loss(
         name=case["loss"],
         loss_agg_mode=case["mode"],
         seq_norm_length=max(lengths),
@@ -205,7 +206,7 @@ def _clipped_and_selected(selection, micro_batch_size):
     cur = np.minimum(old + rng.uniform(-0.6, 0.6, n), -0.02)
     adv = [1.0, -1.0, 0.7, -0.7, 1.3, -1.3]
     model, batch = chain_case(lengths, adv, cur.tolist(), old.tolist())
-    cfg = PolicyLossConfig(name="clip_cov", clip_cov_ratio=0.2, clip_cov_lb=-100.0, clip_cov_ub=100.0)
+    cfg = policy_loss(name="clip_cov", clip_cov_ratio=0.2, clip_cov_lb=-100.0, clip_cov_ub=100.0)
     learner = LearnerConfig(micro_batch_size=micro_batch_size, selection_logprobs=selection)
     captured = {}
     selector = get_token_selector("clip_cov")
@@ -264,7 +265,7 @@ def test_extra_forward_passes(loss, selection, micro, extra_passes):
     model, batch = chain_case(lengths, [1, -1, 1, -1, 1, -1], cur, cur)
     counting = CountingPolicy(model.head.weight.shape[0])
     counting.load_state_dict(model.state_dict())
-    cfg = PolicyLossConfig(name=loss, clip_cov_lb=-10.0, clip_cov_ub=10.0)
+    cfg = loss_cfg(loss, clip_cov_lb=-10.0, clip_cov_ub=10.0)
     one_update(counting, batch, cur, cfg, LearnerConfig(micro_batch_size=micro, selection_logprobs=selection))
     assert counting.calls["no_grad"] == extra_passes
     assert counting.calls["grad"] == -(-len(lengths) // micro)

@@ -41,6 +41,7 @@ from typing import Any, Literal
 import numpy as np
 
 from schemas.config import PolicyLossConfig
+from schemas.config import policy_loss as make_policy_loss
 from schemas.control_config import EntropyControlConfig
 
 SATURATION_WARN_STEPS = 10  # warn once per episode when the knob sits at a bound this many steps
@@ -67,7 +68,7 @@ def apply_overrides(policy_loss: PolicyLossConfig, overrides: dict[str, float]) 
     """A validated copy of ``policy_loss`` with ``overrides`` (e.g. ``{"clip_cov_ratio": 3e-4}``).
 
     For the learner: ``model_copy(update=...)`` would skip validation; this re-validates."""
-    return PolicyLossConfig.model_validate(policy_loss.model_dump() | dict(overrides))
+    return make_policy_loss(**(policy_loss.model_dump() | dict(overrides)))
 
 
 @dataclass(frozen=True)

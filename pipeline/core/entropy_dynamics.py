@@ -54,7 +54,7 @@ def first_order_entropy_change(logits_before: Tensor, logits_after: Tensor) -> T
 
 @torch.no_grad()
 def predicted_entropy_change(
-    log_prob: Tensor, advantages: Tensor, mask: Tensor, lr_scale: float = 1.0, *, form: str = "natural"
+    logprobs: Tensor, advantages: Tensor, mask: Tensor, lr_scale: float = 1.0, *, form: str = "natural"
 ) -> Tensor:
     """Batch estimate ``-lr_scale * Cov(log pi, A)`` over valid tokens (natural-PG form).
 
@@ -62,20 +62,20 @@ def predicted_entropy_change(
     (or any shape, all alike); returns a 0-dim tensor. Positive covariance -> entropy falls.
     """
     m = mask.bool()
-    lp, a = log_prob.detach().float()[m], advantages.detach().float()[m]
+    lp, a = logprobs.detach().float()[m], advantages.detach().float()[m]
     if form == "vanilla":
         a = a * lp.exp()
     elif form != "natural":
         raise ValueError(f"form must be 'natural' or 'vanilla', got {form!r}")
     if lp.numel() == 0:
-        return torch.zeros((), device=log_prob.device)
+        return torch.zeros((), device=logprobs.device)
     cov = ((lp - lp.mean()) * (a - a.mean())).mean()
     return -lr_scale * cov
 
 
 @torch.no_grad()
 def predicted_entropy_change_by_group(
-    log_prob: Tensor, advantages: Tensor, mask: Tensor, group_ids, lr_scale: float = 1.0
+    logprobs: Tensor, advantages: Tensor, mask: Tensor, group_ids, lr_scale: float = 1.0
 ) -> tuple[Tensor, Tensor]:
     """The paper's check: prompt = state, response = action, length-normalised log-probs.
 
@@ -85,7 +85,7 @@ def predicted_entropy_change_by_group(
     """
     m = mask.bool().float()
     length = m.sum(-1).clamp(min=1)
-    lp = (log_prob.detach().float() * m).sum(-1) / length
+    lp = (logprobs.detach().float() * m).sum(-1) / length
     a = (advantages.detach().float() * m).sum(-1) / length
     ids = group_ids.cpu().numpy() if isinstance(group_ids, Tensor) else np.asarray(group_ids)
     _, inv = np.unique(ids, return_inverse=True)

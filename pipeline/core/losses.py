@@ -1,8 +1,8 @@
-"""Policy losses (PPO, Clip-Cov, KL-Cov), loss aggregation, entropy bonus and KL penalty.
+"""Policy losses (PPO, Clip-Cov, KL-Cov), their registry and token selectors, entropy bonus and KL penalty.
 
 Every registered policy loss has one signature::
 
-    fn(log_prob, old_log_prob, advantages, response_mask, config, *,
+    fn(logprobs, old_logprobs, advantages, response_mask, config, *,
        normalizer=None, selected=None, generator=None, token_weights=None) -> (loss, stats)
 
 with (N, T) per-token tensors (N responses padded to T tokens; advantages already broadcast to
@@ -13,16 +13,14 @@ aggregation -- the truncated importance-sampling correction for sampler/learner 
 (``pipeline.core.recipe.truncated_is_weights``). Callers pass it only when set, so losses registered
 without the keyword keep working.
 
-The covariance that drives Clip-Cov and KL-Cov (Cui et al. 2025, the per-token Cov(y_i) of Clip-Cov / KL-Cov) is, per
-valid token, ``cov_i = (A_i - mean A) * (logp_i - mean logp)`` with means over valid tokens and
-logp the current policy's (detached) log-prob. Its mean over tokens is the batch covariance that the
-natural-PG entropy law ``dH ~ -eta * Cov(log pi, A)`` predicts entropy with (see entropy_dynamics).
+The per-token covariance and the selection rules live in ``pipeline.core.covariance``; aggregation and the
+global normaliser in ``pipeline.core.aggregation``.
 
 Global selection (deviation from the reference, which picks tokens per micro-batch on each GPU,
 verl issue #7829): the learner runs :func:`select_tokens` once on the whole optimizer mini-batch
 (all micro-batches; on several ranks, with global means via ``token_covariance(adv_mean=...,
 logp_mean=...)`` and the global ``n_valid``) and passes each micro-batch its slice of the boolean
-``selected`` mask plus the global ``normalizer`` (see :func:`loss_normalizer`). The sum of the
+``selected`` mask plus the global ``normalizer`` (``pipeline.core.aggregation.loss_normalizer``). The sum of the
 micro-batch losses -- and so the gradient -- is then the same however the batch is split. With
 ``selected=None`` a loss selects inside the batch it is given (reference behaviour).
 
@@ -33,32 +31,32 @@ Other deviations from verl (volcengine/verl ``core_algos.py``):
 - Clip-Cov's ``pg_clipfrac`` is the PPO clip fraction; the detached fraction is ``cov/selected_frac``
   (verl reports the detached fraction as ``pg_clipfrac``). KL-Cov's ``ppo_kl`` is the signed approx
   KL like PPO's; verl's ``mean |logp - old_logp|`` is ``ppo_kl_abs``.
-- ``seq-mean-token-sum-norm`` divides by (number of sequences x ``seq_norm_length``) (Dr.GRPO); this
-  verl version divides the token sum by the max length only, which scales with the batch size.
-- Padding positions are zeroed with ``torch.where`` so inf/NaN garbage there cannot leak.
+- Aggregation deviations: ``pipeline.core.aggregation``.
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
+from pipeline.core.aggregation import aggregate_loss, masked_mean
+from pipeline.core.covariance import covariance_stats, select_clip_cov, select_kl_cov, token_covariance
 from schemas.config import PolicyLossConfig
 
 Tensor = torch.Tensor
 PolicyLossFn = Callable[..., tuple[Tensor, dict[str, Tensor]]]
-AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 
 
 @dataclass(frozen=True)
 class TokenSelector:
     """How a loss picks its special tokens over a whole mini-batch (global selection).
 
-    ``select(log_prob, old_log_prob, advantages, mask, config, *, generator, rank_log_prob)`` returns a
-    bool mask like ``mask``. ``log_prob`` is the current policy's; ``rank_log_prob`` (defaults to
-    ``log_prob``) is what the covariance ranks by. ``needs_current_ratio``: the selection also depends on
+    ``select(logprobs, old_logprobs, advantages, mask, config, *, generator, rank_logprobs)`` returns a
+    bool mask like ``mask``. ``logprobs`` is the current policy's; ``rank_logprobs`` (defaults to
+    ``logprobs``) is what the covariance ranks by. ``needs_current_ratio``: the selection also depends on
     the current/old ratio (Clip-Cov skips tokens the PPO clip already zeroes), so the caller must supply
     the current policy's log-probs even when it ranks by others.
     """
@@ -93,157 +91,51 @@ def register_policy_loss(
 
 
 def get_policy_loss(name: str) -> PolicyLossFn:
-    """The policy loss registered under ``name`` (ValueError listing the known names otherwise)."""
+    """The policy loss registered under ``name``, or imported from ``name`` = ``package.module:function``
+    (ValueError naming the known losses, or why the import failed, otherwise)."""
+    if name not in _REGISTRY and ":" in name:
+        _REGISTRY[name] = _import_loss(name)
     if name not in _REGISTRY:
-        raise ValueError(f"unknown policy loss {name!r}; registered: {sorted(_REGISTRY)}")
+        raise ValueError(
+            f"unknown policy loss {name!r}; registered: {sorted(_REGISTRY)} or 'package.module:function'"
+        )
     return _REGISTRY[name]
 
 
 def get_token_selector(name: str) -> TokenSelector | None:
-    """The global token selector of loss ``name`` (None for losses that select nothing)."""
-    get_policy_loss(name)
-    return _SELECTORS.get(name)
+    """The global token selector of loss ``name`` (None for losses that select nothing). A loss given by
+    import path declares one as its ``token_selector`` attribute."""
+    fn = get_policy_loss(name)
+    return _SELECTORS.get(name) or getattr(fn, "token_selector", None)
 
 
-# ---------------------------------------------------------------------------------- aggregation
+def _import_loss(path: str) -> PolicyLossFn:
+    module, _, attr = path.partition(":")
+    try:
+        fn = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(
+            f"policy loss {path!r} cannot be imported ({type(e).__name__}: {e}); make it importable where the "
+            "learner runs (installed, on PYTHONPATH, or in the job's working dir)"
+        ) from None
+    if not callable(fn):
+        raise ValueError(f"policy loss {path!r} is not a function")
+    return fn
 
 
-def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
-    """Mean of ``x`` over ``mask`` (0 when the mask is empty)."""
-    m = mask.bool()
-    return torch.where(m, x, 0.0).sum() / m.sum().clamp(min=1)
-
-
-def loss_normalizer(response_mask: Tensor, mode: str) -> float:
-    """The global ``normalizer`` for ``mode`` on a full mini-batch: valid tokens or sequences."""
-    if mode not in AGG_MODES:
-        raise ValueError(f"unknown loss_agg_mode {mode!r}; choose from {AGG_MODES}")
-    if mode == "token-mean":
-        return float(response_mask.bool().sum())
-    return float(response_mask.shape[0])
-
-
-def aggregate_loss(
-    loss_mat: Tensor,
-    mask: Tensor,
-    mode: str,
-    *,
-    normalizer: float | Tensor | None = None,
-    seq_norm_length: int | None = None,
-    drop: Tensor | None = None,
-    token_weights: Tensor | None = None,
-) -> Tensor:
-    """Reduce a per-token loss (N, T) to a scalar.
-
-    - ``token-mean``: ``sum_valid l / n_tokens``.
-    - ``seq-mean-token-sum``: ``sum_seq (sum_t l) / n_seqs``.
-    - ``seq-mean-token-mean``: ``sum_seq (mean_t l) / n_seqs``.
-    - ``seq-mean-token-sum-norm``: ``sum_seq (sum_t l) / (n_seqs * L)``, L = ``seq_norm_length``
-      or T (Dr.GRPO; set L explicitly when micro-batches are padded to different T).
-
-    ``n_tokens`` / ``n_seqs`` are this batch's counts unless ``normalizer`` gives the global count
-    (valid tokens for token-mean, sequences otherwise), in which case the losses of any split of the
-    batch into micro-batches or ranks sum to the full-batch loss.
-
-    ``drop`` (bool, like ``mask``): tokens whose term is replaced by 0 but which still count in every
-    denominator (Clip-Cov's detached tokens); folded into the one masking ``where``.
-
-    ``token_weights`` (like ``mask``; detached here, 0 at masked positions): each kept token's term is
-    multiplied by its weight (truncated IS correction); denominators are unchanged.
-    """
-    m = mask.bool()
-    keep = m if drop is None else m & ~drop.bool()
-    if token_weights is not None:
-        loss_mat = loss_mat * torch.where(keep, token_weights.detach().to(loss_mat.dtype), 0.0)
-    masked = torch.where(keep, loss_mat, 0.0)
-    if isinstance(normalizer, int | float) and normalizer <= 0:
-        raise ValueError(f"normalizer must be > 0 (a global token or sequence count), got {normalizer}")
-    if mode == "token-mean":
-        denom = m.sum().clamp(min=1) if normalizer is None else normalizer
-        return masked.sum() / denom
-    n_seqs = loss_mat.shape[0] if normalizer is None else normalizer
-    if mode == "seq-mean-token-sum":
-        return masked.sum() / n_seqs
-    if mode == "seq-mean-token-mean":
-        return (masked.sum(-1) / m.sum(-1).clamp(min=1)).sum() / n_seqs
-    if mode == "seq-mean-token-sum-norm":
-        length = seq_norm_length if seq_norm_length is not None else loss_mat.shape[-1]
-        return masked.sum() / (n_seqs * length)
-    raise ValueError(f"unknown loss_agg_mode {mode!r}; choose from {AGG_MODES}")
-
-
-# ----------------------------------------------------------------------------- token covariance
-
-
-def _wide(x: Tensor) -> Tensor:
-    return x if x.dtype == torch.float64 else x.float()
-
-
-@torch.no_grad()
-def token_covariance(
-    log_prob: Tensor,
-    advantages: Tensor,
-    mask: Tensor,
-    *,
-    adv_mean: float | Tensor | None = None,
-    logp_mean: float | Tensor | None = None,
-) -> Tensor:
-    """Per-token ``cov_i = (A_i - mean A) * (logp_i - mean logp)``, detached, 0 on padding.
-
-    Computed in fp32 (fp64 inputs stay fp64). Means are over the valid tokens of this batch unless given (pass global means when the batch
-    is one shard of a larger mini-batch). Any shape; ``mask`` has the same shape.
-    """
-    m = mask.bool()
-    a, lp = _wide(advantages.detach()), _wide(log_prob.detach())
-    a_mu = masked_mean(a, m) if adv_mean is None else adv_mean
-    lp_mu = masked_mean(lp, m) if logp_mean is None else logp_mean
-    cov = (a - a_mu) * (lp - lp_mu)
-    return torch.where(m, cov, 0.0)
-
-
-def select_clip_cov(
-    cov: Tensor,
-    candidate_mask: Tensor,
-    n_valid: int,
-    config: PolicyLossConfig,
-    generator: torch.Generator | None = None,
-) -> Tensor:
-    """Clip-Cov selection: ``max(1, int(r * n_valid))`` tokens drawn uniformly (all if fewer) among
-    candidates with ``lb < cov < ub``. Returns a bool mask shaped like ``cov``."""
-    band = candidate_mask.bool() & (cov > config.clip_cov_lb) & (cov < config.clip_cov_ub)
-    k = max(1, int(config.clip_cov_ratio * n_valid))
-    n_band = int(band.sum())
-    if n_band <= k:  # all candidates; skips the index work in the common tiny-band case
-        return band
-    idx = band.reshape(-1).nonzero().squeeze(-1)
-    dev = generator.device if generator is not None else idx.device
-    perm = torch.randperm(n_band, generator=generator, device=dev).to(idx.device)
-    selected = torch.zeros(cov.numel(), dtype=torch.bool, device=cov.device)
-    selected[idx[perm[:k]]] = True
-    return selected.reshape(cov.shape)
-
-
-def select_kl_cov(cov: Tensor, mask: Tensor, n_valid: int, config: PolicyLossConfig) -> Tensor:
-    """KL-Cov selection: the top ``max(1, int(k * n_valid))`` valid tokens by ``cov`` (bool mask)."""
-    m = mask.bool()
-    k = min(max(1, int(config.kl_cov_ratio * n_valid)), int(m.sum()))
-    selected = torch.zeros(cov.numel(), dtype=torch.bool, device=cov.device)
-    if k > 0:
-        scores = torch.where(m, cov, torch.full_like(cov, -torch.inf)).reshape(-1)
-        selected[scores.topk(k).indices] = True
-    return selected.reshape(cov.shape)
+# ------------------------------------------------------------------------------- token selection
 
 
 def clip_cov_candidates(
-    log_prob: Tensor,
-    old_log_prob: Tensor,
+    logprobs: Tensor,
+    old_logprobs: Tensor,
     advantages: Tensor,
     response_mask: Tensor,
     config: PolicyLossConfig,
 ) -> Tensor:
     """Valid tokens whose PPO term is not already clipped (where the gradient is not already 0)."""
     with torch.no_grad():
-        _, clipped, clipped_lower = _clipped_surrogate(log_prob.detach() - old_log_prob, advantages, config)
+        _, clipped, clipped_lower = _clipped_surrogate(logprobs.detach() - old_logprobs, advantages, config)
     return _unclipped(response_mask.bool(), clipped, clipped_lower)
 
 
@@ -253,61 +145,61 @@ def _unclipped(mask: Tensor, clipped: Tensor, clipped_lower: Tensor | None) -> T
 
 
 def _select_clip_cov_tokens(
-    log_prob: Tensor,
-    old_log_prob: Tensor,
+    logprobs: Tensor,
+    old_logprobs: Tensor,
     advantages: Tensor,
     mask: Tensor,
     config: PolicyLossConfig,
     *,
     generator: torch.Generator | None = None,
-    rank_log_prob: Tensor | None = None,
+    rank_logprobs: Tensor | None = None,
 ) -> Tensor:
-    cov = token_covariance(log_prob if rank_log_prob is None else rank_log_prob, advantages, mask)
-    cand = clip_cov_candidates(log_prob, old_log_prob, advantages, mask, config)
+    cov = token_covariance(logprobs if rank_logprobs is None else rank_logprobs, advantages, mask)
+    cand = clip_cov_candidates(logprobs, old_logprobs, advantages, mask, config)
     return select_clip_cov(cov, cand, int(mask.sum()), config, generator)
 
 
 def _select_kl_cov_tokens(
-    log_prob: Tensor,
-    old_log_prob: Tensor,
+    logprobs: Tensor,
+    old_logprobs: Tensor,
     advantages: Tensor,
     mask: Tensor,
     config: PolicyLossConfig,
     *,
     generator: torch.Generator | None = None,
-    rank_log_prob: Tensor | None = None,
+    rank_logprobs: Tensor | None = None,
 ) -> Tensor:
-    cov = token_covariance(log_prob if rank_log_prob is None else rank_log_prob, advantages, mask)
+    cov = token_covariance(logprobs if rank_logprobs is None else rank_logprobs, advantages, mask)
     return select_kl_cov(cov, mask, int(mask.sum()), config)
 
 
 def select_tokens(
-    log_prob: Tensor,
-    old_log_prob: Tensor,
+    logprobs: Tensor,
+    old_logprobs: Tensor,
     advantages: Tensor,
     response_mask: Tensor,
     config: PolicyLossConfig,
     *,
     generator: torch.Generator | None = None,
-    rank_log_prob: Tensor | None = None,
+    rank_logprobs: Tensor | None = None,
 ) -> Tensor | None:
     """Global selection of ``config.name``'s loss over a whole mini-batch (None for losses that select
     nothing). Slice the result per micro-batch and pass it as ``selected=``.
 
-    ``log_prob`` is the current policy's (the paper's ranking, and what the PPO-clip exclusion needs);
-    ``rank_log_prob`` ranks by other log-probs instead (``learner.selection_logprobs: step_start``).
+    ``logprobs`` is the current policy's (the paper's ranking, and what the PPO-clip exclusion needs);
+    ``rank_logprobs`` ranks by other log-probs instead (``learner.selection_logprobs: step_start``).
     """
     selector = get_token_selector(config.name)
     if selector is None:
         return None
     return selector.select(
-        log_prob,
-        old_log_prob,
+        logprobs,
+        old_logprobs,
         advantages,
         response_mask.bool(),
         config,
         generator=generator,
-        rank_log_prob=rank_log_prob,
+        rank_logprobs=rank_logprobs,
     )
 
 
@@ -335,32 +227,6 @@ def _clipped_surrogate(neg_kl: Tensor, advantages: Tensor, config: PolicyLossCon
 
 
 @torch.no_grad()
-def covariance_stats(cov: Tensor, mask: Tensor, selected: Tensor | None = None) -> dict[str, Tensor]:
-    """``cov/{mean,p50,p99,max,frac_positive,selected_frac}`` over valid tokens (0-dim tensors).
-
-    Percentiles are nearest-rank order statistics (``kthvalue`` / ``topk``, no full sort).
-    """
-    m = mask.bool()
-    vals = cov[m]
-    n = vals.numel()
-    zero = cov.new_zeros(())
-    sel = zero if selected is None else (selected.bool() & m).sum() / max(n, 1)
-    if n == 0:
-        names = ("cov/mean", "cov/p50", "cov/p99", "cov/max", "cov/frac_positive")
-        return dict.fromkeys(names, zero) | {"cov/selected_frac": sel}
-    i50, i99 = (n - 1) // 2, min(n - 1, int(0.99 * (n - 1) + 0.5))
-    top = vals.topk(n - i99).values  # descending: top[0] = max, top[-1] = p99
-    return {
-        "cov/mean": vals.mean(),
-        "cov/p50": vals.kthvalue(i50 + 1).values,
-        "cov/p99": top[-1],
-        "cov/max": top[0],
-        "cov/frac_positive": (vals > 0).sum() / n,
-        "cov/selected_frac": sel,
-    }
-
-
-@torch.no_grad()
 def _common_stats(
     neg_kl: Tensor, mask: Tensor, clipped: Tensor | None, clipped_lower: Tensor | None
 ) -> dict[str, Tensor]:
@@ -375,8 +241,8 @@ def _common_stats(
 
 @register_policy_loss("ppo")
 def ppo_loss(
-    log_prob: Tensor,
-    old_log_prob: Tensor,
+    logprobs: Tensor,
+    old_logprobs: Tensor,
     advantages: Tensor,
     response_mask: Tensor,
     config: PolicyLossConfig,
@@ -393,7 +259,7 @@ def ppo_loss(
     ``generator`` are accepted for the common signature and ignored.
     """
     mask = response_mask.bool()
-    neg_kl = torch.clamp(log_prob - old_log_prob, min=-20.0, max=20.0)
+    neg_kl = torch.clamp(logprobs - old_logprobs, min=-20.0, max=20.0)
     pg_losses, clipped, clipped_lower = _clipped_surrogate(neg_kl, advantages, config)
     loss = aggregate_loss(
         pg_losses,
@@ -404,14 +270,14 @@ def ppo_loss(
         token_weights=token_weights,
     )
     stats = _common_stats(neg_kl, mask, clipped, clipped_lower)
-    stats |= covariance_stats(token_covariance(log_prob, advantages, mask), mask)
+    stats |= covariance_stats(token_covariance(logprobs, advantages, mask), mask)
     return loss, stats
 
 
 @register_policy_loss("clip_cov", selector=TokenSelector(_select_clip_cov_tokens, needs_current_ratio=True))
 def clip_cov_loss(
-    log_prob: Tensor,
-    old_log_prob: Tensor,
+    logprobs: Tensor,
+    old_logprobs: Tensor,
     advantages: Tensor,
     response_mask: Tensor,
     config: PolicyLossConfig,
@@ -428,9 +294,9 @@ def clip_cov_loss(
     gradient; they still count in the token-mean denominator.
     """
     mask = response_mask.bool()
-    neg_kl = log_prob - old_log_prob
+    neg_kl = logprobs - old_logprobs
     pg_losses, clipped, clipped_lower = _clipped_surrogate(neg_kl, advantages, config)
-    cov = token_covariance(log_prob, advantages, mask)
+    cov = token_covariance(logprobs, advantages, mask)
     if selected is None:
         cand = _unclipped(mask, clipped.detach(), clipped_lower)
         selected = select_clip_cov(cov, cand, int(mask.sum()), config, generator)  # subset of mask
@@ -452,8 +318,8 @@ def clip_cov_loss(
 
 @register_policy_loss("kl_cov", selector=TokenSelector(_select_kl_cov_tokens))
 def kl_cov_loss(
-    log_prob: Tensor,
-    old_log_prob: Tensor,
+    logprobs: Tensor,
+    old_logprobs: Tensor,
     advantages: Tensor,
     response_mask: Tensor,
     config: PolicyLossConfig,
@@ -470,10 +336,10 @@ def kl_cov_loss(
     over the penalised tokens) lets the caller warn when it stays 0. ``generator`` is unused.
     """
     mask = response_mask.bool()
-    neg_kl = log_prob - old_log_prob
+    neg_kl = logprobs - old_logprobs
     abs_kl = neg_kl.abs()
     pg_losses = -advantages * torch.exp(neg_kl)
-    cov = token_covariance(log_prob, advantages, mask)
+    cov = token_covariance(logprobs, advantages, mask)
     if selected is None:
         selected = select_kl_cov(cov, mask, int(mask.sum()), config)
     selected = selected.bool() & mask
@@ -514,17 +380,17 @@ def entropy_bonus(
     return -coef * agg, {"entropy/mean": masked_mean(entropy.detach(), mask)}
 
 
-def kl_penalty(log_prob: Tensor, ref_log_prob: Tensor, kind: str = "k3") -> Tensor:
+def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, kind: str = "k3") -> Tensor:
     """Per-token KL(pi || pi_ref) estimate from sampled-token log-probs (Schulman's k1/k2/k3).
 
     ``k1 = logp - ref``; ``k2 = (logp - ref)^2 / 2``; ``k3 = exp(ref - logp) - (ref - logp) - 1``
     (low variance, always >= 0), with ``ref - logp`` clamped to +-20 and the result to +-10 as in verl.
     """
     if kind == "k1":
-        return log_prob - ref_log_prob
+        return logprobs - ref_logprobs
     if kind == "k2":
-        return 0.5 * (log_prob - ref_log_prob).square()
+        return 0.5 * (logprobs - ref_logprobs).square()
     if kind == "k3":
-        kl = torch.clamp(ref_log_prob - log_prob, min=-20.0, max=20.0)
+        kl = torch.clamp(ref_logprobs - logprobs, min=-20.0, max=20.0)
         return torch.clamp(torch.exp(kl) - kl - 1, min=-10.0, max=10.0)
     raise ValueError(f"unknown KL estimator {kind!r}; choose 'k1', 'k2' or 'k3'")

@@ -37,18 +37,17 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from pipeline.core.aggregation import aggregate_loss
+from pipeline.core.covariance import covariance_stats, token_covariance
 from pipeline.core.entropy_dynamics import predicted_entropy_change
 from pipeline.core.entropy_probe import sgd_entropy_probe
 from pipeline.core.losses import (
     PolicyLossFn,
     TokenSelector,
-    aggregate_loss,
-    covariance_stats,
     entropy_bonus,
     get_policy_loss,
     get_token_selector,
     kl_penalty,
-    token_covariance,
 )
 from pipeline.core.model_forward import (
     MicroBatch,
@@ -355,7 +354,7 @@ def _select(state: StepState, current: tuple[np.ndarray, np.ndarray]) -> np.ndar
         torch.from_numpy(state.valid[pos]),
         state.algo.policy_loss,
         generator=state.generator,
-        rank_log_prob=rank_by,
+        rank_logprobs=rank_by,
     )
     selected = np.zeros(state.old.shape[0], dtype=bool)
     selected[pos[sel.numpy()]] = True

@@ -8,7 +8,7 @@
   (:func:`soft_overlong_penalty`) added to the reward before advantages.
 - Truncated importance sampling for the sampler/learner log-prob mismatch
   (:func:`truncated_is_weights`); the weights multiply each token's policy loss
-  (``pipeline.core.losses.aggregate_loss(token_weights=...)``).
+  (``pipeline.core.aggregation.aggregate_loss(token_weights=...)``).
 """
 
 from __future__ import annotations

@@ -23,17 +23,31 @@ class ConfigError(ValueError):
     """A config problem a user can fix; the message names the field and the reason."""
 
 
+# Sections that are a choice between models keyed by a tag (``policy_loss.name``, ``synthetic.task``):
+# Pydantic puts the chosen tag into an error's location; it is shown as the choice, not as a key.
+TAGGED_SECTIONS = ("policy_loss", "synthetic")
+
+
 def _format_validation_error(err: ValidationError) -> str:
     lines = []
     for e in err.errors():
-        path = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        loc, choice = list(e["loc"]), None
+        for i, part in enumerate(loc[:-1]):
+            if part in TAGGED_SECTIONS and i + 2 < len(loc):
+                choice = str(loc.pop(i + 1))
+                break
+        path = ".".join(str(p) for p in loc) or "(top level)"
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown key (not a field of this section; check the spelling)"
+            if choice is not None:
+                msg = f"not a field of {choice!r} (each choice takes only its own fields)"
         got = e.get("input")
         shown = (
             "" if e["type"] in ("extra_forbidden", "missing") or isinstance(got, dict) else f" (got {got!r})"
         )
+        if isinstance(got, dict) and e["type"].startswith("unknown_"):
+            shown = f" (got {got.get('name', got.get('task'))!r})"
         lines.append(f"  {path}: {msg}{shown}")
     return "invalid config:\n" + "\n".join(lines)
 
