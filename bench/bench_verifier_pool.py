@@ -15,7 +15,8 @@ import time
 
 import ray
 
-from actors.verifier import VerifierWorker, score_with_pool
+from actors.verifier import VerifierWorker
+from pipeline.driver.verification import score_with_pool
 from schemas.verifier_config import VerifierConfig, VerifierSpec
 
 
@@ -43,7 +44,7 @@ def bench(replicas: int, batch: tuple, repeats: int) -> list[float]:
     config = VerifierConfig(default=VerifierSpec(name="math"), replicas=replicas)
     remote = ray.remote(num_cpus=0.5)(VerifierWorker)
     actors = [remote.remote(config, replica=r) for r in range(replicas)]
-    ray.get([a.ping.remote() for a in actors])
+    ray.get([a.info.remote() for a in actors])
     score_with_pool(actors, *(col[:32] for col in batch))  # warm-up: imports, sympy caches
     rates = []
     for _ in range(repeats):

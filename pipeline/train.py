@@ -12,6 +12,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -95,8 +96,22 @@ def new_run_dir(cfg: RunConfig) -> Path:
     return path
 
 
-def prepare(args: argparse.Namespace) -> tuple[RunConfig, Path, str, Any, Any, list[dict], Any]:
+@dataclass
+class Prepared:
+    """Everything a run needs, checked before Ray or any actor starts."""
+
+    cfg: RunConfig
+    run_dir: Path
+    model_path: str
+    tokenizer: Any
+    stream: Any  # pipeline.data.datasets.PromptStream, positioned at the resume point
+    eval_rows: list[dict[str, Any]]
+    resume: tuple[Path, Any] | None  # (checkpoint dir, DriverState) when resuming
+
+
+def prepare(args: argparse.Namespace) -> Prepared:
     """Everything that can fail on bad input, before Ray or any actor starts."""
+    from pipeline.core.losses import get_policy_loss
     from pipeline.data.datasets import PromptStream, load_split
     from pipeline.data.tasks import verifier_config_for_run
     from pipeline.data.verifiers.base import VerifierLoadError, check_verifiers
@@ -121,6 +136,10 @@ def prepare(args: argparse.Namespace) -> tuple[RunConfig, Path, str, Any, Any, l
         check_verifiers(verifier_config_for_run(cfg.verifier, cfg.data))  # the task's route included
     except VerifierLoadError as err:
         raise InputError(str(err)) from None
+    try:
+        get_policy_loss(cfg.algorithm.policy_loss.name)  # an import-path loss must import here already
+    except ValueError as err:
+        raise InputError(f"algorithm.policy_loss.name: {err}") from None
     model_path = resolve_model(cfg)
     tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code)
     train_rows, train_report = load_split(cfg.data, "train", tokenizer=tokenizer)
@@ -139,7 +158,7 @@ def prepare(args: argparse.Namespace) -> tuple[RunConfig, Path, str, Any, Any, l
     stream = PromptStream.from_config(train_rows, cfg.data)
     if resume_state is not None:
         stream.load_state_dict(resume_state[1].data_state)
-    return cfg, run_dir, model_path, tokenizer, stream, eval_rows, resume_state
+    return Prepared(cfg, run_dir, model_path, tokenizer, stream, eval_rows, resume_state)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -147,9 +166,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     from pipeline.analysis.summary import summarize_run
     from pipeline.data.tasks import task_routes
-    from pipeline.driver.generation import RoleFailure
+    from pipeline.driver.roles import RoleFailure
 
-    cfg, run_dir, model_path, tokenizer, stream, eval_rows, resume = prepare(args)
+    prep = prepare(args)
+    cfg, run_dir, stream, resume = prep.cfg, prep.run_dir, prep.stream, prep.resume
     for w in cfg.warnings():
         print(f"[covrl] WARNING: {w}", flush=True)
     for source, spec in task_routes(cfg.data).items():
@@ -177,7 +197,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     try:
         while True:
             try:
-                _attempt(cfg, run_dir, model_path, tokenizer, stream, eval_rows, resume)
+                _attempt(prep, resume)
                 break
             except RoleFailure as failure:
                 attempt += 1
@@ -216,29 +236,29 @@ def _restart_point(run_dir: Path, stream: Any, initial_data_state: dict) -> tupl
     return latest, state
 
 
-def _attempt(cfg, run_dir: Path, model_path: str, tokenizer, stream, eval_rows, resume) -> None:
+def _attempt(prep: Prepared, resume: tuple[Path | None, Any] | None) -> None:
     """Start every role, (re)load the checkpoint if resuming, train to the end; always release roles."""
-    import ray
-
     from pipeline.driver.roles import placement_report, start_roles, stop_roles
-    from pipeline.driver.trainer import DataSource, Trainer
+    from pipeline.driver.rollout import DataSource
+    from pipeline.driver.trainer import Trainer
 
+    cfg, run_dir = prep.cfg, prep.run_dir
     roles = None
     try:
         start_step = resume[1].step if resume else 0
-        roles = start_roles(cfg, model_path, str(run_dir), resume_after_step=start_step if resume else None)
-        (run_dir / "placement.json").write_text(json.dumps(placement_report(roles), indent=1))
-        trainer = Trainer(
-            cfg, str(run_dir), roles, DataSource(stream, eval_rows, tokenizer), start_step=start_step
+        roles = start_roles(
+            cfg, prep.model_path, str(run_dir), resume_after_step=start_step if resume else None
         )
+        (run_dir / "placement.json").write_text(json.dumps(placement_report(roles), indent=1))
+        data = DataSource(prep.stream, prep.eval_rows, prep.tokenizer)
+        trainer = Trainer(cfg, str(run_dir), roles, data, start_step=start_step)
         if resume and resume[0] is not None:
-            versions = ray.get(
-                [lr.load_checkpoint.remote(str(resume[0] / "learner"), "ckpt") for lr in roles.learners]
-            )
+            ckpt_dir = str(resume[0] / "learner")
+            versions = roles.learners.call(lambda lr: lr.load_checkpoint.remote(ckpt_dir, "ckpt"))
             trainer.version = versions[0]
             if trainer.controller is not None and "entropy_control" in resume[1].extra:
                 trainer.controller.load_state_dict(resume[1].extra["entropy_control"])
-            trainer.sync_weights()
+            trainer.weights.sync(trainer.version)
             print(
                 f"[covrl] resumed from {resume[0].name} (step {start_step}, weights v{versions[0]})",
                 flush=True,
@@ -265,8 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.analysis.summary import print_summary
     from pipeline.data.datasets import DataError
     from pipeline.driver.checkpoint import CheckpointError
-    from pipeline.driver.generation import RoleFailure
-    from pipeline.driver.roles import RoleStartError
+    from pipeline.driver.roles import RoleFailure, RoleStartError
     from pipeline.driver.trainer import TrainingDiverged
 
     try:

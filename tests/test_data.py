@@ -161,7 +161,7 @@ def test_row_extras_reach_the_verifier(tmp_path, char_tok):
     tests live only there (the ground truth is a placeholder), so a correct program scores 1 only if they
     arrive."""
     from actors.verifier import VerifierWorker
-    from pipeline.driver.trainer import encode_prompts
+    from pipeline.driver.rollout import encode_prompts
     from schemas.verifier_config import VerifierConfig, VerifierSpec
 
     tests = {"inputs": ["2 3\n"], "outputs": ["5"]}

@@ -360,6 +360,8 @@ def test_driver_collect_runs_dynamic_sampling_through_the_roles(monkeypatch):
     """Trainer.collect with fake roles: prompts come from the stream round after round, the kept groups
     are the informative ones, reward/* describe every sampled group."""
     from pipeline.driver import trainer as driver
+    from pipeline.driver.roles import Roles
+    from pipeline.driver.rollout import DataSource
 
     g, need = 2, 4
     # prompt id -> group rewards; ids 0-3 in round 1, then 4-7 (groups 1, 2, 5 filtered; 7 surplus)
@@ -389,14 +391,15 @@ def test_driver_collect_runs_dynamic_sampling_through_the_roles(monkeypatch):
         }
     )
     t = object.__new__(driver.Trainer)
-    t.cfg, t.data, t._pending = cfg, driver.DataSource(stream=Stream(), eval_rows=[], tokenizer=Tok()), None
+    t.cfg, t.data, t._pending = cfg, DataSource(stream=Stream(), eval_rows=[], tokenizer=Tok()), None
+    t.roles = Roles()
 
-    def generate(prompts, n):
+    def generate(generators, prompts, n):
         ids = prompts.prompt_ids.tolist()
         s = scored_batch(ids, [0.0] * (len(ids) * n), n)
         return s.rollout, {"time/generate": 2.0, "throughput/generate_tokens_per_s": 5.0}
 
-    def score(rollout):
+    def score(verifiers, rollout):
         rewards = [r for i in rollout.prompts.prompt_ids.tolist() for r in script[i]]
         stats = {"verifier/count": float(len(rewards)), "time/verify": 1.0}
         return ScoredBatch(
@@ -406,8 +409,8 @@ def test_driver_collect_runs_dynamic_sampling_through_the_roles(monkeypatch):
             verifier_stats=stats,
         )
 
-    monkeypatch.setattr(t, "generate", generate)
-    monkeypatch.setattr(t, "score", score)
+    monkeypatch.setattr(driver.generation, "generate", generate)
+    monkeypatch.setattr(driver, "score_rollout", score)
     scored, gen_stats, prompt_ids, m = t.collect(step=1)
     assert scored.rollout.prompts.prompt_ids.tolist() == [0, 3, 4, 6]
     assert prompt_ids == list(range(8))

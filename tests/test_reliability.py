@@ -14,8 +14,10 @@ import ray
 
 from pipeline.data.datasets import PromptStream, load_split
 from pipeline.data.tiny_model import ensure_tiny_model
+from pipeline.driver import generation
 from pipeline.driver.roles import start_roles, stop_roles
-from pipeline.driver.trainer import DataSource, Trainer, encode_prompts
+from pipeline.driver.rollout import encode_prompts
+from pipeline.driver.weight_sync import WeightSync
 from pipeline.train import parse_args, prepare
 from schemas.run_config import RunConfig
 
@@ -95,30 +97,29 @@ def test_generator_replica_killed_mid_step_loses_no_prompt(ray_cluster, model_pa
             ]
         )
     )
-    cfg, run_dir, mpath, tok, stream, eval_rows, _ = prepare(args)
-    roles = start_roles(cfg, mpath, str(tmp_path / "run"), resume_after_step=None)
+    prep = prepare(args)
+    roles = start_roles(prep.cfg, prep.model_path, str(tmp_path / "run"), resume_after_step=None)
     try:
-        trainer = Trainer(cfg, str(tmp_path / "run"), roles, DataSource(stream, eval_rows, tok))
-        trainer.sync_weights()  # collective: the transfer group now holds both replicas
-        prompts = encode_prompts(stream.next_batch(16), tok, 1)
-        launched = trainer.launch(prompts, 4)
+        sync = WeightSync(prep.cfg, roles)
+        sync.sync(0)  # collective: the transfer group now holds both replicas
+        prompts = encode_prompts(prep.stream.next_batch(16), prep.tokenizer, 1)
+        launched = generation.launch(roles.generators, prompts, 4)
         ray.kill(roles.generators[1], no_restart=False)  # dies mid-generation; Ray restarts it
-        rollout, stats = trainer.gather(launched)
+        rollout, stats = generation.gather(roles.generators, launched)
         # every prompt exactly once, in order, with all of its samples
         assert rollout.prompts.prompt_ids.tolist() == prompts.prompt_ids.tolist()
         assert len(rollout) == 16 * 4
         assert stats["generator/failures"] == 1 and stats["generator/live_replicas"] == 1
         # the restarted replica comes back with the current weights and is used again
         deadline = time.time() + 120
-        while not trainer.pool.revive(timeout_s=5) and time.time() < deadline:
+        while not roles.generators.revive(timeout_s=5) and time.time() < deadline:
             time.sleep(1)
-        assert trainer.pool.live() == [0, 1]
+        assert roles.generators.live() == [0, 1]
         # collective: the restarted process is not in the old group; the failed broadcast rebuilds it
-        trainer.version = 7
-        trainer.sync_weights()
+        sync.sync(7)
         versions = ray.get([g.info.remote() for g in roles.generators])
         assert [v["policy_version"] for v in versions] == [7, 7]
-        rollout2, stats2 = trainer.generate(prompts, 2)
+        rollout2, stats2 = generation.generate(roles.generators, prompts, 2)
         assert len(rollout2) == 32 and stats2["generator/live_replicas"] == 2
     finally:
         stop_roles(roles)
@@ -255,9 +256,9 @@ def test_nothing_of_a_run_is_left_behind(ray_cluster, model_path, tmp_path):
             ]
         )
     )
-    cfg, _, mpath, *_ = prepare(args)
+    prep = prepare(args)
     with pytest.raises(RoleStartError, match="generator: failed to start"):
-        start_roles(cfg, mpath, str(tmp_path / "run"), resume_after_step=None, timeout_s=120)
+        start_roles(prep.cfg, prep.model_path, str(tmp_path / "run"), resume_after_step=None, timeout_s=120)
     time.sleep(2)
     roles = ("Generator", "Learner", "Metrics", "VerifierWorker", "Reference")
     alive = [a for a in list_actors() if a.state == "ALIVE" and a.class_name in roles]
@@ -272,8 +273,8 @@ def test_unsatisfiable_resources_fail_fast_naming_the_role(ray_cluster, model_pa
     args = parse_args(
         sets(SMALL + [f"model.path={model_path}", "learner.resources.custom={no_such_node: 1}"])
     )
-    cfg, _, mpath, *_ = prepare(args)
+    prep = prepare(args)
     t0 = time.time()
     with pytest.raises(RoleStartError, match="learner"):
-        start_roles(cfg, mpath, str(tmp_path / "run"), resume_after_step=None)
+        start_roles(prep.cfg, prep.model_path, str(tmp_path / "run"), resume_after_step=None)
     assert time.time() - t0 < 30, "must not wait for the start-up timeout"

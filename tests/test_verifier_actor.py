@@ -14,7 +14,8 @@ import numpy as np
 import psutil
 import pytest
 
-from actors.verifier import VerifierWorker, score_with_pool
+from actors.verifier import VerifierWorker
+from pipeline.driver.verification import score_with_pool
 from schemas.verifier_config import VerifierConfig, VerifierSpec
 
 pytestmark = pytest.mark.ray
@@ -50,7 +51,7 @@ def _batch(n: int):
 def _actors(ray, m: int):
     remote = ray.remote(num_cpus=0.5, max_restarts=0)(VerifierWorker)
     actors = [remote.remote(CONFIG, replica=r) for r in range(m)]
-    ray.get([a.ping.remote() for a in actors])
+    ray.get([a.info.remote() for a in actors])
     return actors
 
 
@@ -67,7 +68,7 @@ def test_single_actor_scores_and_reports(ray_cluster):
 
 def test_pool_survives_a_killed_actor(ray_cluster):
     actors = _actors(ray_cluster, 2)
-    worker_pids = [pid for a in actors for pid in ray_cluster.get(a.ping.remote())["worker_pids"]]
+    worker_pids = [pid for a in actors for pid in ray_cluster.get(a.info.remote())["worker_pids"]]
     prompts, responses, truths, sources, expected = _batch(40)
 
     # Both actors up: the batch is split, scored concurrently, reassembled in order.

@@ -110,3 +110,16 @@ def _prune(root: Path, keep: int) -> None:
     done = sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".partial"))
     for old in done[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
+
+
+class Checkpointer:
+    """Writes the run's checkpoints: every learner rank's DeepSpeed state plus the driver's state, into one
+    atomic directory (``begin`` / ``commit``)."""
+
+    def __init__(self, run_dir: str | Path, learners: Any, *, keep: int) -> None:
+        self.run_dir, self.learners, self.keep = Path(run_dir), learners, keep
+
+    def save(self, state: DriverState) -> Path:
+        partial = begin(self.run_dir, state.step)
+        self.learners.call(lambda lr: lr.save_checkpoint.remote(str(partial / "learner"), "ckpt"))
+        return commit(partial, state, keep=self.keep)

@@ -1,7 +1,8 @@
 """Start the five roles as Ray actors, each placed by its own resource spec; stop them all.
 
 Reads like the topology: generators x G, verifiers x V, reference x R (only when needed), learner
-ranks x L (one placement group, so ranks are gang-scheduled), one named metrics actor. The verifiers
+ranks x L (one placement group, so ranks are gang-scheduled), one named metrics actor. Each role is a
+``RoleGroup``: the same start / call / survive-a-dead-member shape for every role. The verifiers
 get the built-in task's route added (``pipeline.data.tasks.verifier_config_for_run``). A role that
 fails to start raises RoleStartError naming the role and the reason, after every actor and placement
 group created so far has been released.
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import socket
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,7 +24,7 @@ from actors.generator import Generator
 from actors.learner import Learner
 from actors.metrics import Metrics
 from actors.reference import Reference
-from actors.verifier import VerifierActor
+from actors.verifier import VerifierWorker
 from pipeline.data.tasks import verifier_config_for_run
 from schemas.config import Resources
 from schemas.run_config import RunConfig
@@ -32,20 +34,108 @@ class RoleStartError(RuntimeError):
     """A role could not start; the message names the role and why."""
 
 
+class RoleFailure(RuntimeError):
+    """A role failed in a way the step cannot absorb; names the role and the cause."""
+
+    def __init__(self, role: str, detail: str) -> None:
+        super().__init__(f"{role} failed: {detail}")
+        self.role = role
+
+
+@dataclass
+class RoleGroup:
+    """The N actors of one role, one shape for every role: call all live members or one, get results with a
+    dead member named (``RoleFailure``), leave a dead member out and take it back once it answers again
+    (Ray restarts actors up to their ``max_restarts``)."""
+
+    role: str
+    actors: list[Any] = field(default_factory=list)
+    dead: set[int] = field(default_factory=set)
+    failures: int = 0  # members found dead so far
+
+    def __len__(self) -> int:
+        return len(self.actors)
+
+    def __getitem__(self, i: int) -> Any:
+        return self.actors[i]
+
+    def __iter__(self):
+        return iter(self.actors)
+
+    def live(self) -> list[int]:
+        return [i for i in range(len(self.actors)) if i not in self.dead]
+
+    def map(self, fn: Callable[[Any], Any]) -> list[Any]:
+        """``fn(actor)`` (which returns an object ref) on every live member, launched at once."""
+        return [fn(self.actors[i]) for i in self.live()]
+
+    def get(self, refs: Any, *, timeout: float | None = None) -> Any:
+        """``ray.get`` that turns a dead member into ``RoleFailure`` naming the role."""
+        try:
+            return ray.get(refs, timeout=timeout)
+        except ray.exceptions.RayActorError as e:
+            detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise RoleFailure(self.role, detail) from None
+
+    def call(self, fn: Callable[[Any], Any]) -> list[Any]:
+        """``fn`` on every live member, then one get."""
+        return self.get(self.map(fn))
+
+    def mark_unresponsive(self, timeout_s: float = 5.0) -> None:
+        """Live members that do not answer ``info()`` within ``timeout_s`` are marked dead."""
+        for i in self.live():
+            try:
+                ray.get(self.actors[i].info.remote(), timeout=timeout_s)
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                self.mark_dead(i)
+
+    def mark_dead(self, i: int) -> None:
+        if i not in self.dead:
+            self.dead.add(i)
+            self.failures += 1
+
+    def revive(self, timeout_s: float = 120.0) -> list[int]:
+        """Dead members that answer again (restarted by Ray); the caller brings them up to date."""
+        back = []
+        for i in sorted(self.dead):
+            try:
+                ray.get(self.actors[i].info.remote(), timeout=timeout_s)
+                back.append(i)
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                continue
+        self.dead -= set(back)
+        return back
+
+    def wait_ready(self, timeout_s: float) -> None:
+        """Every member answers ``info()``; else ``RoleStartError`` naming the role and why."""
+        try:
+            ray.get([a.info.remote() for a in self.actors], timeout=timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            raise RoleStartError(
+                f"{self.role}: not ready after {timeout_s:.0f}s — are its resources available on the cluster? "
+                f"(check `ray status` against {self.role}.resources)"
+            ) from None
+        except ray.exceptions.RayActorError as e:
+            raise RoleStartError(f"{self.role}: failed to start: {_root_cause(e)}") from None
+
+
 @dataclass
 class Roles:
-    generators: list[Any] = field(default_factory=list)
-    verifiers: list[Any] = field(default_factory=list)
-    references: list[Any] = field(default_factory=list)
-    learners: list[Any] = field(default_factory=list)
+    generators: RoleGroup = field(default_factory=lambda: RoleGroup("generator"))
+    verifiers: RoleGroup = field(default_factory=lambda: RoleGroup("verifier"))
+    references: RoleGroup = field(default_factory=lambda: RoleGroup("reference"))
+    learners: RoleGroup = field(default_factory=lambda: RoleGroup("learner"))
     metrics: Any = None
     placement_groups: list[PlacementGroup] = field(default_factory=list)
     # async mode: key of the node-local flag the generators raise while generating (actors/core_share.py)
     core_share: str | None = None
 
+    def groups(self) -> list[RoleGroup]:
+        return [self.generators, self.verifiers, self.references, self.learners]
+
     def all_actors(self) -> list[Any]:
         extra = [self.metrics] if self.metrics is not None else []
-        return self.generators + self.verifiers + self.references + self.learners + extra
+        return [a for g in self.groups() for a in g.actors] + extra
 
 
 def actor_options(res: Resources, **extra: Any) -> dict[str, Any]:
@@ -92,24 +182,6 @@ def start_roles(
     return roles
 
 
-def _info(actor: Any) -> Any:
-    # Every role answers info(); the verifier's spelling is ping().
-    method = getattr(actor, "info", None) or actor.ping
-    return method.remote()
-
-
-def _wait_ready(role: str, actors: list[Any], timeout_s: float) -> None:
-    try:
-        ray.get([_info(a) for a in actors], timeout=timeout_s)
-    except ray.exceptions.GetTimeoutError:
-        raise RoleStartError(
-            f"{role}: not ready after {timeout_s:.0f}s — are its resources available on the cluster? "
-            f"(check `ray status` against {role}.resources)"
-        ) from None
-    except ray.exceptions.RayActorError as e:
-        raise RoleStartError(f"{role}: failed to start: {_root_cause(e)}") from None
-
-
 def _root_cause(e: BaseException) -> str:
     text = str(e)
     for line in reversed(text.splitlines()):
@@ -135,7 +207,7 @@ def _start(
         .options(**actor_options(cfg.metrics.resources, name=metrics_name))
         .remote(cfg.metrics, run_dir, resume_after_step=resume_after_step)
     )
-    _wait_ready("metrics", [roles.metrics], timeout_s)
+    RoleGroup("metrics", [roles.metrics]).wait_ready(timeout_s)
 
     pg = placement_group([_bundle(cfg.learner.resources)] * cfg.learner.ranks, strategy="PACK")
     roles.placement_groups.append(pg)
@@ -152,7 +224,7 @@ def _start(
 
     addr, port = ray.get(_free_port.options(**in_pg(0)).remote())
     learner_res = cfg.learner.resources
-    roles.learners = [
+    roles.learners.actors = [
         ray.remote(Learner)
         .options(
             num_cpus=learner_res.num_cpus,
@@ -175,7 +247,7 @@ def _start(
         )
         for rank in range(cfg.learner.ranks)
     ]
-    roles.generators = [
+    roles.generators.actors = [
         ray.remote(Generator)
         .options(**actor_options(cfg.generator.resources, max_restarts=cfg.generator.max_restarts))
         .remote(
@@ -189,25 +261,25 @@ def _start(
         )
         for i in range(cfg.generator.replicas)
     ]
-    roles.verifiers = [
-        ray.remote(VerifierActor)
+    roles.verifiers.actors = [
+        ray.remote(VerifierWorker)
         .options(**actor_options(cfg.verifier.resources, max_restarts=2))
         .remote(verifier_config_for_run(cfg.verifier, cfg.data), replica=i)
         for i in range(cfg.verifier.replicas)
     ]
     if cfg.use_reference:
-        roles.references = [
+        roles.references.actors = [
             ray.remote(Reference)
             .options(**actor_options(cfg.reference.resources))
             .remote(cfg.reference, model_path, replica=i, temperature=temp, metrics_actor=metrics_name)
             for i in range(cfg.reference.replicas)
         ]
-    _wait_ready("verifier", roles.verifiers, timeout_s)
-    _wait_ready("reference", roles.references, timeout_s)
+    roles.verifiers.wait_ready(timeout_s)
+    roles.references.wait_ready(timeout_s)
     # The learner bounds its own waits (learner.start_timeout_s) and then names what it waited for: give
     # it room to say so before this generic bound fires.
-    _wait_ready("learner", roles.learners, max(timeout_s, cfg.learner.start_timeout_s + 120))
-    _wait_ready("generator", roles.generators, timeout_s)
+    roles.learners.wait_ready(max(timeout_s, cfg.learner.start_timeout_s + 120))
+    roles.generators.wait_ready(timeout_s)
 
 
 def stop_roles(roles: Roles) -> None:
@@ -231,10 +303,11 @@ def stop_roles(roles: Roles) -> None:
         from actors.core_share import remove_key
 
         remove_key(roles.core_share)
-    roles.generators, roles.verifiers, roles.references, roles.learners = [], [], [], []
+    for group in roles.groups():
+        group.actors, group.dead = [], set()
     roles.metrics, roles.placement_groups = None, []
 
 
 def placement_report(roles: Roles) -> list[dict[str, Any]]:
     """Where each actor runs (role, replica, node) — logged into the run dir and metrics."""
-    return ray.get([_info(a) for a in roles.all_actors()])
+    return ray.get([a.info.remote() for a in roles.all_actors()])
