@@ -67,10 +67,6 @@ class Metrics:
                 for row in rows:
                     f.write(json.dumps(row) + "\n")
 
-    def record_many(self, records: list[MetricsRecord]) -> None:
-        for rec in records:
-            self.record(rec)
-
     def flush_step(self, step: int) -> dict[str, Any]:
         """Finalise a step: derived metrics, alerts, one jsonl line, TensorBoard. Returns the line."""
         row: dict[str, Any] = {"step": step, "time": time.time()} | self.pending.pop(step, {})

@@ -25,10 +25,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 from bench._models import build_random_model  # noqa: E402
-from pipeline.core.batching import synthetic_train_batch  # noqa: E402
 from schemas.batches import TrainBatch  # noqa: E402
 from schemas.config import policy_loss  # noqa: E402
 from schemas.run_config import AlgorithmConfig, LearnerConfig  # noqa: E402
+from tests.helpers import synthetic_train_batch  # noqa: E402
 
 VARIANTS = {
     "ppo": ({"name": "ppo"}, "current"),

@@ -50,10 +50,23 @@ def _check_list(items: Any, name: str, length: int) -> None:
         raise ValueError(f"{name}: expected {length} items, got {len(items)}")
 
 
-def _offsets(lengths: np.ndarray) -> np.ndarray:
+def offsets_from_lengths(lengths: np.ndarray) -> np.ndarray:
+    """Row offsets of a ragged layout: lengths [2, 3, 1] -> [0, 2, 5, 6]."""
     offsets = np.zeros(lengths.shape[0] + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
     return offsets
+
+
+def ragged_positions(offsets: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Flat positions of the elements of ``rows`` (in that order) in a ragged layout with ``offsets``.
+
+    The one ragged-index helper every flat per-token array uses. Example: offsets [0, 2, 5, 6] (lengths
+    2, 3, 1), rows [2, 0] -> [5, 0, 1].
+    """
+    rows = np.asarray(rows, dtype=np.int64)
+    lengths = offsets[1:][rows] - offsets[:-1][rows]
+    new = offsets_from_lengths(lengths)
+    return np.repeat(offsets[:-1][rows] - new[:-1], lengths) + np.arange(new[-1], dtype=np.int64)
 
 
 class Ragged(ArrayModel):
@@ -74,7 +87,7 @@ class Ragged(ArrayModel):
 
     @classmethod
     def from_lists(cls, seqs: list[list[int]] | list[np.ndarray]) -> Ragged:
-        offsets = _offsets(np.fromiter((len(s) for s in seqs), dtype=np.int64, count=len(seqs)))
+        offsets = offsets_from_lengths(np.fromiter((len(s) for s in seqs), dtype=np.int64, count=len(seqs)))
         values = (
             np.concatenate([np.asarray(s, dtype=np.int32) for s in seqs])
             if len(seqs) and offsets[-1]
@@ -98,8 +111,8 @@ class Ragged(ArrayModel):
     def take(self, index: np.ndarray) -> Ragged:
         """Rows ``index`` (in that order) as a new Ragged; one vectorised gather."""
         index = np.asarray(index, dtype=np.int64)
-        offsets = _offsets(self.lengths[index])
-        return Ragged(values=self.values[_gather_index(self.offsets, index, offsets)], offsets=offsets)
+        offsets = offsets_from_lengths(self.lengths[index])
+        return Ragged(values=self.values[ragged_positions(self.offsets, index)], offsets=offsets)
 
 
 class PromptBatch(ArrayModel):
@@ -196,14 +209,14 @@ class TrainBatch(ArrayModel):
     sampler_logprobs: np.ndarray  # float32 [sum response T]
     ref_logprobs: np.ndarray | None = None  # float32 [sum response T]; None when no KL term
     loss_mask: np.ndarray | None = None  # float32 [N]: 0 drops a whole sample (e.g. overlong)
-    group_ids: np.ndarray  # int64 [N]: prompt row of each sample (for per-group statistics)
+    prompt_index: np.ndarray  # int64 [N]: prompt row of each sample (for per-group statistics)
 
     @model_validator(mode="after")
     def _validate(self) -> TrainBatch:
         n = len(self.sequences)
         _check(self.prompt_lengths, "prompt_lengths", np.int32, 1, n)
         _check(self.advantages, "advantages", np.float32, 1, n)
-        _check(self.group_ids, "group_ids", np.int64, 1, n)
+        _check(self.prompt_index, "prompt_index", np.int64, 1, n)
         response_tokens = int(self.sequences.values.shape[0] - self.prompt_lengths.sum(dtype=np.int64))
         if np.any(self.prompt_lengths < 1) or np.any(self.prompt_lengths > self.sequences.lengths):
             raise ValueError("prompt_lengths must be >= 1 and <= the sequence length of each row")
@@ -221,29 +234,10 @@ class TrainBatch(ArrayModel):
     def response_lengths(self) -> np.ndarray:
         return (self.sequences.lengths - self.prompt_lengths).astype(np.int64)
 
-    def select(self, index: np.ndarray) -> TrainBatch:
-        """Rows ``index`` as a new batch (mini-batch / rank shard); per-token arrays follow."""
-        index = np.asarray(index, dtype=np.int64)
-        r_off = _offsets(self.response_lengths)
-        flat = _gather_index(r_off, index, _offsets(self.response_lengths[index]))
-        return TrainBatch(
-            step=self.step,
-            policy_version=self.policy_version,
-            sequences=self.sequences.take(index),
-            prompt_lengths=self.prompt_lengths[index],
-            advantages=self.advantages[index],
-            sampler_logprobs=self.sampler_logprobs[flat],
-            ref_logprobs=None if self.ref_logprobs is None else self.ref_logprobs[flat],
-            loss_mask=None if self.loss_mask is None else self.loss_mask[index],
-            group_ids=self.group_ids[index],
-        )
-
-
-def _gather_index(offsets: np.ndarray, index: np.ndarray, new_offsets: np.ndarray) -> np.ndarray:
-    """Flat positions of rows ``index`` of a ragged layout with ``offsets`` (new layout ``new_offsets``)."""
-    lengths = np.diff(new_offsets)
-    starts = offsets[:-1][index]
-    return np.repeat(starts - new_offsets[:-1], lengths) + np.arange(new_offsets[-1], dtype=np.int64)
+    @property
+    def response_offsets(self) -> np.ndarray:
+        """Offsets of the rows' response tokens in the flat per-token arrays (``ragged_positions``)."""
+        return offsets_from_lengths(self.response_lengths)
 
 
 class LearnerStats(ArrayModel):

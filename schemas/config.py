@@ -87,6 +87,21 @@ class KLCovLossConfig(PolicyLossBase):
     kl_cov_beta: float = Field(1.0, ge=0, description="Penalty coefficient (paper: 1; verl default 0.1).")
 
 
+def kl_cov_is_noop(mini_batches: int, epochs: int) -> str | None:
+    """A warning when KL-Cov cannot act: with one optimizer update per rollout batch the policy is
+    on-policy at every update (logp == old_logp), so ``beta * |logp - old_logp|`` is 0 with 0 gradient.
+    None when there are several updates per rollout batch."""
+    if mini_batches < 1 or epochs < 1:
+        raise ValueError(f"mini_batches and epochs must be >= 1, got {mini_batches}, {epochs}")
+    if mini_batches * epochs > 1:
+        return None
+    return (
+        "kl_cov with one optimizer update per rollout batch (learner.mini_batches=1, learner.epochs=1) is "
+        "a no-op: |logp - old_logp| = 0 on-policy, so the penalty and the entropy controller's knob do "
+        "nothing; set learner.mini_batches > 1 (the paper uses 8)"
+    )
+
+
 class CustomLossConfig(PolicyLossBase):
     """A policy loss of your own, named by import path ``package.module:function`` (the function has the
     signature of ``pipeline.core.losses``; it receives this config, with your ``options``)."""

@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from schemas.config import PolicyLossConfig, PPOLossConfig, Resources, Strict
+from schemas.config import PolicyLossConfig, PPOLossConfig, Resources, Strict, kl_cov_is_noop
 from schemas.control_config import EntropyControlConfig
 from schemas.data_config import DataConfig, TinyModelConfig
 from schemas.verifier_config import VerifierConfig
@@ -353,11 +353,9 @@ class RunConfig(Strict):
         """Settings that are valid but probably not what the user wants."""
         out = []
         loss = self.algorithm.policy_loss
-        if loss.name == "kl_cov" and self.learner.mini_batches * self.learner.epochs == 1:
-            out.append(
-                "kl_cov with one optimizer update per rollout batch is a no-op (|logp - old_logp| = 0 "
-                "on-policy): set learner.mini_batches > 1 (the paper uses 8)"
-            )
+        noop = kl_cov_is_noop(self.learner.mini_batches, self.learner.epochs)
+        if loss.name == "kl_cov" and noop:
+            out.append(noop)
         if loss.name == "kl_cov" and loss.kl_cov_beta < 1:
             out.append(
                 f"kl_cov_beta={loss.kl_cov_beta}: the paper and its scripts use 1 (verl's 0.1 default is a trap)"

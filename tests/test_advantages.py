@@ -82,7 +82,7 @@ def test_grpo_rloo_finite_and_zero_sum_per_group(scores, data):
 def test_broadcast_and_errors():
     out = broadcast_to_tokens(torch.tensor([0.5, -1.0]), torch.tensor([[1, 1, 0], [1, 0, 0]]))
     torch.testing.assert_close(out, torch.tensor([[0.5, 0.5, 0.0], [-1.0, 0.0, 0.0]]))
-    with pytest.raises(ValueError, match="group_ids"):
+    with pytest.raises(ValueError, match="prompt_index"):
         grpo_advantage(torch.zeros(4))
     with pytest.raises(ValueError, match="unknown advantage"):
         get_advantage("ppo")

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from pipeline.core.batching import build_train_batch, concat_rollouts, split_prompts
-from schemas.batches import PromptBatch, Ragged, RolloutBatch, ScoredBatch, TrainBatch
+from schemas.batches import PromptBatch, Ragged, RolloutBatch, ScoredBatch, TrainBatch, ragged_positions
+from tests.helpers import take_rows
 
 
 def prompt_batch(b=3, step=0):
@@ -87,7 +88,7 @@ def test_build_train_batch_layout():
     assert tb.sequences.row(2).tolist() == [1, 2, 12, 12, 12]
     assert tb.prompt_lengths.tolist() == [1, 1, 2, 2]
     assert tb.response_lengths.tolist() == [1, 2, 3, 1]
-    sub = tb.select(np.array([2, 0]))
+    sub = take_rows(tb, np.array([2, 0]))
     assert sub.sequences.row(0).tolist() == [1, 2, 12, 12, 12]
     assert sub.sampler_logprobs.tolist() == [-3, -4, -5, 0]
 
@@ -101,5 +102,13 @@ def test_train_batch_rejects_prompt_longer_than_sequence():
             prompt_lengths=np.array([3], np.int32),
             advantages=np.zeros(1, np.float32),
             sampler_logprobs=np.zeros(0, np.float32),
-            group_ids=np.zeros(1, np.int64),
+            prompt_index=np.zeros(1, np.int64),
         )
+
+
+def test_ragged_positions_is_the_one_flat_index():
+    # lengths 2, 3, 1 -> offsets 0, 2, 5, 6; rows 2 then 0 -> positions 5, then 0, 1
+    offsets = np.array([0, 2, 5, 6])
+    assert ragged_positions(offsets, np.array([2, 0])).tolist() == [5, 0, 1]
+    assert ragged_positions(offsets, np.array([1])).tolist() == [2, 3, 4]
+    assert ragged_positions(offsets, np.array([], dtype=np.int64)).tolist() == []

@@ -9,15 +9,10 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from pipeline.core.entropy_control import (
-    EntropyController,
-    ToyBandit,
-    apply_overrides,
-    kl_cov_is_noop,
-    run_toy,
-)
-from schemas.config import policy_loss
+from pipeline.core.entropy_control import EntropyController, apply_overrides
+from schemas.config import kl_cov_is_noop, policy_loss
 from schemas.control_config import EntropyControlConfig
+from tests.toy_bandit import ToyBandit, run_toy
 
 # The toy: 64 states x 10 actions, groups of 8, reward 1 for the best action plus N(0, 0.3) noise.
 # Its entropy collapses in ~60 steps at a small fixed ratio, fast enough for a 200-step test.

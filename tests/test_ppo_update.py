@@ -11,11 +11,10 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from pipeline.core.batching import synthetic_train_batch
 from pipeline.core.model_forward import make_micro_batch, micro_batches, response_logprobs
 from pipeline.core.ppo_update import ppo_update
 from schemas.run_config import AlgorithmConfig, LearnerConfig
-from tests.helpers import loss_cfg
+from tests.helpers import loss_cfg, synthetic_train_batch
 
 
 def tiny_model(seed=0):

@@ -88,7 +88,7 @@ def chain_case(lengths, advantages, current, old):
         prompt_lengths=np.ones(len(lengths), np.int32),
         advantages=np.asarray(advantages, np.float32),
         sampler_logprobs=np.asarray(old, np.float32),
-        group_ids=np.zeros(len(lengths), np.int64),
+        prompt_index=np.zeros(len(lengths), np.int64),
     )
     return model, batch
 

@@ -1,6 +1,6 @@
 """Outcome-advantage estimators: one scalar score per response -> one scalar advantage.
 
-Shapes: ``scores`` is either (N,) with ``group_ids`` (N,) naming each response's prompt, or (B, G)
+Shapes: ``scores`` is either (N,) with ``prompt_index`` (N,) naming each response's prompt, or (B, G)
 (B prompts x G samples, rows are groups). The result has the shape of ``scores``. Per-token
 advantages come from :func:`broadcast_to_tokens`.
 
@@ -31,7 +31,7 @@ _REGISTRY: dict[str, AdvantageFn] = {}
 
 
 def register_advantage(name: str) -> Callable[[AdvantageFn], AdvantageFn]:
-    """Decorator: register ``fn(scores, group_ids=None, **kwargs) -> advantages`` under ``name``."""
+    """Decorator: register ``fn(scores, prompt_index=None, **kwargs) -> advantages`` under ``name``."""
 
     def deco(fn: AdvantageFn) -> AdvantageFn:
         if name in _REGISTRY and _REGISTRY[name] is not fn:
@@ -49,27 +49,27 @@ def get_advantage(name: str) -> AdvantageFn:
     return _REGISTRY[name]
 
 
-def compute_advantages(name: str, scores: torch.Tensor, group_ids=None, **kwargs) -> torch.Tensor:
-    """Shortcut: ``get_advantage(name)(scores, group_ids, **kwargs)``."""
-    return get_advantage(name)(scores, group_ids, **kwargs)
+def compute_advantages(name: str, scores: torch.Tensor, prompt_index=None, **kwargs) -> torch.Tensor:
+    """Shortcut: ``get_advantage(name)(scores, prompt_index, **kwargs)``."""
+    return get_advantage(name)(scores, prompt_index, **kwargs)
 
 
-def _flatten_groups(scores: torch.Tensor, group_ids) -> tuple[torch.Tensor, torch.Tensor, int]:
+def _flatten_groups(scores: torch.Tensor, prompt_index) -> tuple[torch.Tensor, torch.Tensor, int]:
     """(N,) float scores, (N,) dense int64 group index in [0, n_groups), n_groups."""
     scores = torch.as_tensor(scores)
     if not scores.is_floating_point():
         scores = scores.float()
-    if scores.dim() == 2 and group_ids is None:
+    if scores.dim() == 2 and prompt_index is None:
         b, g = scores.shape
         inverse = torch.arange(b, device=scores.device).repeat_interleave(g)
         return scores.reshape(-1), inverse, b
     if scores.dim() != 1:
-        raise ValueError(f"scores must be (N,) with group_ids or (B, G); got shape {tuple(scores.shape)}")
-    if group_ids is None:
-        raise ValueError("scores of shape (N,) need group_ids (N,) naming each response's prompt")
-    ids = group_ids.cpu().numpy() if isinstance(group_ids, torch.Tensor) else np.asarray(group_ids)
+        raise ValueError(f"scores must be (N,) with prompt_index or (B, G); got shape {tuple(scores.shape)}")
+    if prompt_index is None:
+        raise ValueError("scores of shape (N,) need prompt_index (N,) naming each response's prompt")
+    ids = prompt_index.cpu().numpy() if isinstance(prompt_index, torch.Tensor) else np.asarray(prompt_index)
     if ids.shape != (scores.shape[0],):
-        raise ValueError(f"group_ids must have shape ({scores.shape[0]},), got {ids.shape}")
+        raise ValueError(f"prompt_index must have shape ({scores.shape[0]},), got {ids.shape}")
     _, inverse = np.unique(ids, return_inverse=True)
     inverse_t = torch.as_tensor(inverse.reshape(-1), dtype=torch.long, device=scores.device)
     return scores, inverse_t, int(inverse.max()) + 1 if len(inverse) else 0
@@ -88,11 +88,11 @@ def _group_moments(s: torch.Tensor, idx: torch.Tensor, n_groups: int):
 
 @register_advantage("grpo")
 def grpo_advantage(
-    scores: torch.Tensor, group_ids=None, *, norm_by_std: bool = True, eps: float = 1e-6
+    scores: torch.Tensor, prompt_index=None, *, norm_by_std: bool = True, eps: float = 1e-6
 ) -> torch.Tensor:
     """GRPO: ``(s - mean_g) / (std_g + eps)``; Dr.GRPO when ``norm_by_std=False``. Shape of ``scores``."""
     shape = torch.as_tensor(scores).shape
-    s, idx, n_groups = _flatten_groups(scores, group_ids)
+    s, idx, n_groups = _flatten_groups(scores, prompt_index)
     n, mean, var = _group_moments(s, idx, n_groups)
     adv = s - mean
     if norm_by_std:
@@ -101,10 +101,10 @@ def grpo_advantage(
 
 
 @register_advantage("rloo")
-def rloo_advantage(scores: torch.Tensor, group_ids=None) -> torch.Tensor:
+def rloo_advantage(scores: torch.Tensor, prompt_index=None) -> torch.Tensor:
     """RLOO: ``s_i - mean of the other samples in the group``. Shape of ``scores``."""
     shape = torch.as_tensor(scores).shape
-    s, idx, n_groups = _flatten_groups(scores, group_ids)
+    s, idx, n_groups = _flatten_groups(scores, prompt_index)
     n, mean, _ = _group_moments(s, idx, n_groups)
     adv = (s - mean) * n / (n - 1).clamp(min=1)
     return torch.where(n > 1, adv, torch.zeros_like(adv)).reshape(shape)
@@ -112,9 +112,9 @@ def rloo_advantage(scores: torch.Tensor, group_ids=None) -> torch.Tensor:
 
 @register_advantage("reinforce_pp")
 def reinforce_pp_advantage(
-    scores: torch.Tensor, group_ids=None, *, lengths: torch.Tensor | Sequence[int] | None = None
+    scores: torch.Tensor, prompt_index=None, *, lengths: torch.Tensor | Sequence[int] | None = None
 ) -> torch.Tensor:
-    """REINFORCE++: batch whitening ``(s - mean) * rsqrt(var + 1e-8)``; ``group_ids`` is ignored.
+    """REINFORCE++: batch whitening ``(s - mean) * rsqrt(var + 1e-8)``; ``prompt_index`` is ignored.
 
     ``lengths`` (N,) weights each response by its token count (verl's token-level whitening);
     without it every response weighs the same. Shape of ``scores``.

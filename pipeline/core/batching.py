@@ -103,39 +103,5 @@ def build_train_batch(
         sampler_logprobs=rollout.sampler_logprobs,
         ref_logprobs=ref_logprobs,
         loss_mask=loss_mask,
-        group_ids=prompt_rows,
-    )
-
-
-def synthetic_train_batch(
-    n: int,
-    *,
-    seed: int = 0,
-    prompt_len: tuple[int, int] = (2, 6),
-    response_len: tuple[int, int] = (1, 9),
-    vocab: tuple[int, int] = (3, 24),
-    group_size: int = 4,
-    adv_scale: float = 1.0,
-    sampler_logprob: float = -3.0,
-    loss_mask: np.ndarray | None = None,
-) -> TrainBatch:
-    """A random TrainBatch for tests and benchmarks: per row, prompt and response lengths drawn from the
-    half-open ranges, token ids from ``vocab``, normal advantages; rows grouped ``group_size`` at a time."""
-    rng = np.random.default_rng(seed)
-    seqs, plen = [], []
-    for _ in range(n):
-        p, r = int(rng.integers(*prompt_len)), int(rng.integers(*response_len))
-        seqs.append(rng.integers(*vocab, size=p + r).tolist())
-        plen.append(p)
-    sequences = Ragged.from_lists(seqs)
-    response_tokens = int(sequences.values.shape[0] - sum(plen))
-    return TrainBatch(
-        step=1,
-        policy_version=0,
-        sequences=sequences,
-        prompt_lengths=np.array(plen, np.int32),
-        advantages=(rng.normal(size=n) * adv_scale).astype(np.float32),
-        sampler_logprobs=np.full(response_tokens, sampler_logprob, np.float32),
-        group_ids=np.repeat(np.arange(n // group_size), group_size).astype(np.int64),
-        loss_mask=loss_mask,
+        prompt_index=prompt_rows,
     )

@@ -75,7 +75,7 @@ def predicted_entropy_change(
 
 @torch.no_grad()
 def predicted_entropy_change_by_group(
-    logprobs: Tensor, advantages: Tensor, mask: Tensor, group_ids, lr_scale: float = 1.0
+    logprobs: Tensor, advantages: Tensor, mask: Tensor, prompt_index, lr_scale: float = 1.0
 ) -> tuple[Tensor, Tensor]:
     """The paper's check: prompt = state, response = action, length-normalised log-probs.
 
@@ -87,7 +87,7 @@ def predicted_entropy_change_by_group(
     length = m.sum(-1).clamp(min=1)
     lp = (logprobs.detach().float() * m).sum(-1) / length
     a = (advantages.detach().float() * m).sum(-1) / length
-    ids = group_ids.cpu().numpy() if isinstance(group_ids, Tensor) else np.asarray(group_ids)
+    ids = prompt_index.cpu().numpy() if isinstance(prompt_index, Tensor) else np.asarray(prompt_index)
     _, inv = np.unique(ids, return_inverse=True)
     idx = torch.as_tensor(inv.reshape(-1), dtype=torch.long, device=lp.device)
     n_groups = int(idx.max()) + 1 if idx.numel() else 0

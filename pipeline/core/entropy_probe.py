@@ -113,7 +113,7 @@ def _covariances(batch: TrainBatch, logp: np.ndarray) -> dict[str, float]:
     mask = torch.from_numpy(np.arange(t)[None, :] < r_len[:, None])
     lp2 = torch.zeros(n, t).masked_scatter(mask, lp)
     a2 = torch.tensor(batch.advantages)[:, None].expand(n, t) * mask
-    group, _ = predicted_entropy_change_by_group(lp2, a2, mask, batch.group_ids)
+    group, _ = predicted_entropy_change_by_group(lp2, a2, mask, batch.prompt_index)
     return {
         "probe/cov_token": -float(predicted_entropy_change(lp, adv, flat_mask)),
         "probe/cov_token_vanilla": -float(predicted_entropy_change(lp, adv, flat_mask, form="vanilla")),

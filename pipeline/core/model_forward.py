@@ -32,12 +32,6 @@ class MicroBatch:
     flat_index: np.ndarray  # int64 [sum r]: where this micro-batch's tokens sit in the batch's flat arrays
 
 
-def response_offsets(batch: TrainBatch) -> np.ndarray:
-    offsets = np.zeros(len(batch) + 1, dtype=np.int64)
-    np.cumsum(batch.response_lengths, out=offsets[1:])
-    return offsets
-
-
 def make_micro_batch(batch: TrainBatch, rows: np.ndarray, *, pad_id: int = 0) -> MicroBatch:
     rows = np.asarray(rows, dtype=np.int64)
     seq_len = batch.sequences.lengths[rows]
@@ -52,7 +46,7 @@ def make_micro_batch(batch: TrainBatch, rows: np.ndarray, *, pad_id: int = 0) ->
     resp_mask = t < r_len[:, None]
     positions = np.where(resp_mask, p_len[:, None] - 1 + t, 0)
     labels = np.take_along_axis(input_ids, np.minimum(positions + 1, L - 1), axis=1) * resp_mask
-    r_off = response_offsets(batch)
+    r_off = batch.response_offsets
     flat_index = (r_off[rows][:, None] + t)[resp_mask]
     return MicroBatch(
         rows=rows,

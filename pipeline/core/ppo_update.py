@@ -55,11 +55,10 @@ from pipeline.core.model_forward import (
     make_micro_batch,
     micro_batches,
     response_logprobs,
-    response_offsets,
     to_padded,
 )
 from pipeline.core.recipe import truncated_is_weights
-from schemas.batches import TrainBatch
+from schemas.batches import TrainBatch, ragged_positions
 from schemas.run_config import AlgorithmConfig, LearnerConfig
 
 AllGather = Callable[[Any], list[Any]]  # every rank's object, in rank order (all_gather_object)
@@ -82,15 +81,8 @@ def shard(rows: np.ndarray, rank: int, world_size: int) -> np.ndarray:
 
 
 def flat_positions(batch: TrainBatch, rows: np.ndarray) -> np.ndarray:
-    """Positions of ``rows``' response tokens in the batch's flat per-token arrays, row by row.
-
-    Example: response lengths [2, 3, 1] -> offsets [0, 2, 5]; rows [2, 0] -> [5, 0, 1].
-    """
-    offsets = response_offsets(batch)
-    lengths = batch.response_lengths[rows]
-    starts = np.repeat(offsets[:-1][rows], lengths)
-    within = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-    return starts + within
+    """Positions of ``rows``' response tokens in the batch's flat per-token arrays, row by row."""
+    return ragged_positions(batch.response_offsets, rows)
 
 
 def _concat_gathered(gather: AllGather, *arrays: np.ndarray) -> list[np.ndarray]:
@@ -429,7 +421,7 @@ def _top_covariance_tokens(
     k = min(k, cov.shape[0])
     top = np.argpartition(-cov, k - 1)[:k] if k else np.zeros(0, np.int64)
     top = top[np.argsort(-cov[top])]
-    offsets = response_offsets(batch)
+    offsets = batch.response_offsets
     rows = np.searchsorted(offsets, top, side="right") - 1
     return [
         {
