@@ -23,13 +23,11 @@ from pathlib import Path
 import psutil
 import pytest
 
-from pipeline.data.verifiers import code as code_module
-from pipeline.data.verifiers.code import (
-    CodeVerifier,
+from pipeline.data.verifiers import sandbox as sandbox_module
+from pipeline.data.verifiers.code import CodeVerifier, extract_program, parse_tests
+from pipeline.data.verifiers.sandbox import (
     SandboxLimits,
     SandboxUnavailable,
-    extract_program,
-    parse_tests,
     probe_capabilities,
     run_python,
     sandbox_capabilities,
@@ -267,7 +265,7 @@ def test_cannot_read_host_files(caps, tmp_path):
             target.write_text(ANSWERS)
             target.chmod(0o644)
         tmp_path.chmod(0o755)
-        paths = ["/etc/passwd", __file__, str(Path(code_module.__file__)), *map(str, targets)]
+        paths = ["/etc/passwd", __file__, str(Path(sandbox_module.__file__)), *map(str, targets)]
         program = (
             "import sys\n"
             f"for path in {paths!r}:\n"
@@ -515,7 +513,7 @@ def test_a_killed_verifier_takes_its_sandbox_with_it():
     a program that sleeps for an hour would otherwise live on, unwatched. The run's host-side folder and
     cgroup are removed by the next sandbox probe (as when a verifier worker starts)."""
     start = (
-        "from pipeline.data.verifiers.code import SandboxLimits, run_python, sandbox_capabilities\n"
+        "from pipeline.data.verifiers.sandbox import SandboxLimits, run_python, sandbox_capabilities\n"
         "sandbox_capabilities()\n"
         "print('probed', flush=True)\n"
         "run_python('import time\\ntime.sleep(3600)', limits=SandboxLimits(wall_s=3600, cpu_s=3600))\n"
@@ -542,7 +540,7 @@ def test_a_killed_verifier_takes_its_sandbox_with_it():
         verifier.wait()
         _, alive = psutil.wait_procs(sandboxed, timeout=30)
         assert alive == [], "the sandbox ended with its verifier"
-        code_module.remove_stale_runs()
+        sandbox_module.remove_stale_runs()
         assert not runs[0].exists()
         if CAPS.memory_cgroup is not None:
             assert list(Path(CAPS.memory_cgroup.parent).glob(f"covrl-sbx-{verifier.pid}-*")) == []

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from pipeline.core.losses import clip_cov_candidates, get_policy_loss, get_token_selector
-from pipeline.core.ppo_update import StepState, update_mini_batch
+from pipeline.core.mini_batch import StepState, update_mini_batch
 from schemas.batches import Ragged, TrainBatch
 from schemas.config import policy_loss
 from schemas.run_config import AlgorithmConfig, LearnerConfig

@@ -331,7 +331,7 @@ def test_isolation_load_error_surfaces_at_start():
 def test_code_verifier_without_isolation_fails_closed():
     """Where no namespace can be made, the code verifier refuses to run code instead of running it in view
     of the host's files (here: no unshare(1) at all)."""
-    from pipeline.data.verifiers.code import SandboxUnavailable, probe_capabilities
+    from pipeline.data.verifiers.sandbox import SandboxUnavailable, probe_capabilities
 
     with pytest.raises(SandboxUnavailable, match=r"refuses to run them.*unshare\(1\) not found"):
         probe_capabilities(unshare=None)

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.analysis.report import pearson
+from pipeline.analysis.runs import pearson
 
 PREFIX = "probe/dH@lr"
 FORMS = {"token": "probe/cov_token", "group": "probe/cov_group", "vanilla": "probe/cov_token_vanilla"}

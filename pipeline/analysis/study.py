@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.analysis.probe_analysis import plot_probes, probe_summary, render_probe_table
-from pipeline.analysis.report import _num, fit_run_law, load_run, paired, pass_at_k_keys, pearson, series
+from pipeline.analysis.runs import as_float, fit_run_law, load_run, paired, pass_at_k_keys, pearson, series
 from pipeline.analysis.study_figures import plot_study
 from pipeline.core.law import fit_law
 
@@ -63,7 +63,7 @@ def early_law(rows: list[dict[str, Any]], fraction: float = LAW_EARLY_FRACTION) 
         fit = fit_law(h[:n], r[:n])
     except ValueError:
         return out
-    return out | {"a": _num(fit.a), "b": _num(fit.b), "ceiling": _num(fit.ceiling)}
+    return out | {"a": as_float(fit.a), "b": as_float(fit.b), "ceiling": as_float(fit.ceiling)}
 
 
 def run_numbers(rows: list[dict[str, Any]]) -> dict[str, Any]:

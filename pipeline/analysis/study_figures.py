@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.analysis.report import paired, pass_at_k_keys, series
+from pipeline.analysis.runs import paired, pass_at_k_keys, series
 from pipeline.core.law import fit_law
 
 

@@ -45,7 +45,9 @@ def summarize_run(run_dir: str | Path, *, wall_s: float | None = None) -> dict[s
         "reward_last": last.get("reward/mean"),
         "law": _law(law_row),
         "entropy_change_correlation": last.get("entropy/change_correlation"),
-        "mean_seconds": {k.split("/")[1]: _mean(rows, k) for k in TIME_KEYS if any(k in r for r in rows)},
+        "mean_seconds": {
+            k.split("/")[1]: mean_value(rows, k) for k in TIME_KEYS if any(k in r for r in rows)
+        },
     }
     return out
 
@@ -59,7 +61,7 @@ def _law(row: dict[str, Any]) -> dict[str, Any]:
     return law
 
 
-def _mean(rows: list[dict[str, Any]], key: str) -> float:
+def mean_value(rows: list[dict[str, Any]], key: str) -> float:
     vals = [r[key] for r in rows if key in r]
     return sum(vals) / len(vals) if vals else 0.0
 

@@ -30,123 +30,29 @@ needs the current log-probs (the lean pass when not fused); KL-Cov then needs no
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
 
 import numpy as np
 import torch
 
-from pipeline.core.aggregation import aggregate_loss
 from pipeline.core.covariance import covariance_stats, token_covariance
 from pipeline.core.entropy_dynamics import predicted_entropy_change
 from pipeline.core.entropy_probe import sgd_entropy_probe
-from pipeline.core.losses import (
-    PolicyLossFn,
-    TokenSelector,
-    entropy_bonus,
-    get_policy_loss,
-    get_token_selector,
-    kl_penalty,
-)
-from pipeline.core.model_forward import (
-    MicroBatch,
-    batch_logprobs,
-    make_micro_batch,
-    micro_batches,
-    response_logprobs,
-    to_padded,
+from pipeline.core.losses import get_policy_loss, get_token_selector, kl_penalty
+from pipeline.core.mini_batch import StepState, update_mini_batch
+from pipeline.core.model_forward import batch_logprobs
+from pipeline.core.ranks import (
+    AllGather,
+    Trainable,
+    flat_positions,
+    gather_full,
+    shard,
+    single_process_gather,
 )
 from pipeline.core.recipe import truncated_is_weights
-from schemas.batches import TrainBatch, ragged_positions
+from schemas.batches import TrainBatch
 from schemas.run_config import AlgorithmConfig, LearnerConfig
-
-AllGather = Callable[[Any], list[Any]]  # every rank's object, in rank order (all_gather_object)
-
-
-class Trainable(Protocol):
-    module: torch.nn.Module
-
-    def backward(self, loss: torch.Tensor) -> None: ...
-
-    def step(self) -> float | None: ...
-
-
-def single_process_gather(x: Any) -> list[Any]:
-    return [x]
-
-
-def shard(rows: np.ndarray, rank: int, world_size: int) -> np.ndarray:
-    return np.array_split(rows, world_size)[rank]
-
-
-def flat_positions(batch: TrainBatch, rows: np.ndarray) -> np.ndarray:
-    """Positions of ``rows``' response tokens in the batch's flat per-token arrays, row by row."""
-    return ragged_positions(batch.response_offsets, rows)
-
-
-def _concat_gathered(gather: AllGather, *arrays: np.ndarray) -> list[np.ndarray]:
-    """All-gather several same-length flat arrays in one call; concatenated in rank order."""
-    parts = gather(np.stack(arrays) if arrays[0].size else np.zeros((len(arrays), 0), np.float32))
-    return list(np.concatenate(parts, axis=1))
-
-
-class _Accumulator:
-    """Token-weighted means of per-micro-batch stats."""
-
-    def __init__(self) -> None:
-        self.sums: dict[str, float] = {}
-        self.weight = 0.0
-
-    def add(self, stats: dict[str, torch.Tensor | float], weight: float) -> None:
-        self.weight += weight
-        for k, v in stats.items():
-            self.sums[k] = self.sums.get(k, 0.0) + float(v) * weight
-
-    def global_means(self, gather: AllGather, prefix: str = "") -> dict[str, float]:
-        """Means over every rank's micro-batches (so every rank reports the same numbers)."""
-        parts = gather((self.sums, self.weight))
-        weight = sum(w for _, w in parts)
-        sums: dict[str, float] = {}
-        for part, _ in parts:
-            for k, v in part.items():
-                sums[k] = sums.get(k, 0.0) + v
-        return {prefix + k: v / max(weight, 1e-12) for k, v in sums.items()}
-
-
-@dataclass
-class StepState:
-    """What every mini-batch update of one RL step shares. Flat arrays follow the batch's response-token
-    layout (row by row, ``flat_positions``)."""
-
-    batch: TrainBatch
-    algo: AlgorithmConfig
-    learner: LearnerConfig
-    loss_fn: PolicyLossFn
-    selector: TokenSelector | None  # None: the loss selects nothing, or selection is per micro-batch
-    temperature: float
-    full_logits: bool
-    old: np.ndarray  # PPO's "old" log-probs
-    step_start: np.ndarray  # the learner's log-probs of the policy that starts the step
-    advantages: np.ndarray
-    valid: np.ndarray  # bool: tokens that carry loss (rows with loss_mask 0 carry none)
-    is_weights: np.ndarray | None  # truncated IS weights, when the correction is on
-    generator: torch.Generator
-    rank: int = 0
-    world_size: int = 1
-    all_gather: AllGather = single_process_gather
-    loss_sum: float = 0.0  # micro-batch losses are parts of their mini-batch's loss: summed
-    nonfinite: int = 0
-    acc: _Accumulator = field(default_factory=_Accumulator)
-
-    def micro_batches(self, rows: np.ndarray) -> list[np.ndarray]:
-        cfg = self.learner
-        return micro_batches(
-            rows,
-            cfg.micro_batch_size,
-            lengths=self.batch.sequences.lengths,
-            token_budget=cfg.micro_batch_tokens,
-        )
 
 
 def ppo_update(
@@ -186,7 +92,7 @@ def ppo_update(
     model.eval()
     old_local, ent_local = batch_logprobs(model, batch, static_rows, with_entropy=True, **fwd)
     own = flat_positions(batch, static_rows)
-    start_flat, ent_flat = _gather_full(all_gather, batch, own, old_local[own], ent_local[own])
+    start_flat, ent_flat = gather_full(all_gather, batch, own, old_local[own], ent_local[own])
     metrics = _step_start_metrics(batch, start_flat, ent_flat, adv_flat)
     if entropy_probe_lrs and rank == 0:
         metrics |= sgd_entropy_probe(
@@ -254,156 +160,10 @@ def ppo_update(
     if measure_entropy_change:
         model.eval()
         _, ent_after_local = batch_logprobs(model, batch, static_rows, with_entropy=True, **fwd)
-        (ent_after,) = _gather_full(all_gather, batch, own, ent_after_local[own])
+        (ent_after,) = gather_full(all_gather, batch, own, ent_after_local[own])
         metrics["entropy/after_update"] = float(ent_after.mean())
         metrics["entropy/measured_change"] = metrics["entropy/after_update"] - metrics["entropy/mean"]
     return UpdateResult(metrics, top_tokens)
-
-
-def update_mini_batch(trainable: Trainable, state: StepState, mini: np.ndarray, *, first: bool) -> None:
-    """Forward/backward of this rank's share of one optimizer mini-batch (rows ``mini``, all ranks'),
-    gradients accumulated in ``trainable``; the caller steps the optimizer. ``first``: no update has been
-    applied yet this step (the current policy is the step-start one)."""
-    model, batch = trainable.module, state.batch
-    my_rows = shard(mini, state.rank, state.world_size)
-    parts = state.micro_batches(my_rows)
-    kept = mini if batch.loss_mask is None else mini[batch.loss_mask[mini] > 0]
-    mode = state.algo.policy_loss.loss_agg_mode
-    norm = float(batch.response_lengths[kept].sum()) if mode == "token-mean" else float(len(kept))
-    norm = max(norm, 1.0)  # a fully masked mini-batch: every term is 0
-    if state.selector is None:
-        for part in parts:
-            mb = make_micro_batch(batch, part)
-            _backward(trainable, state, mb, *_forward(model, state, mb), None, norm)
-        return
-    fused = all(
-        len(state.micro_batches(shard(mini, r, state.world_size))) <= 1 for r in range(state.world_size)
-    )
-    if not fused:
-        selected = _select(state, _current_logprobs(model, state, my_rows, first=first))
-        model.train()
-        for part in parts:
-            mb = make_micro_batch(batch, part)
-            _backward(trainable, state, mb, *_forward(model, state, mb), selected, norm)
-        return
-    # Fused: select between the forward and its backward, from the forward's own detached log-probs.
-    mb = make_micro_batch(batch, parts[0]) if parts else None
-    if mb is None:  # this rank has no rows in this mini-batch; it still joins the gather
-        _select(state, (np.zeros(0, np.int64), np.zeros(0, np.float32)))
-        return
-    logp, ent = _forward(model, state, mb)
-    selected = _select(state, (mb.flat_index, logp.detach()[mb.response_mask].numpy()))
-    _backward(trainable, state, mb, logp, ent, selected, norm)
-
-
-def _current_logprobs(
-    model, state: StepState, rows: np.ndarray, *, first: bool
-) -> tuple[np.ndarray, np.ndarray]:
-    """(flat positions of ``rows``, the current policy's log-probs there) for selection outside the loss
-    forward: the step-start log-probs where they are the current ones (first update) or where nothing
-    needs the current ones (step_start ranking without a ratio-dependent selector); else a lean pass."""
-    mine = flat_positions(state.batch, rows)
-    ranks_by_start = state.learner.selection_logprobs == "step_start"
-    if first or (ranks_by_start and not state.selector.needs_current_ratio):
-        return mine, state.step_start[mine]
-    model.eval()
-    cfg = state.learner
-    cur, _ = batch_logprobs(
-        model,
-        state.batch,
-        rows,
-        micro_batch_size=cfg.micro_batch_size,
-        temperature=state.temperature,
-        with_entropy=False,
-        full_logits=state.full_logits,
-        token_budget=cfg.micro_batch_tokens,
-    )
-    return mine, cur[mine]
-
-
-def _select(state: StepState, current: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
-    """The selector's bool mask over the whole batch layout, from every rank's (positions, current
-    log-probs) of this mini-batch; the same on every rank."""
-    mine, cur_mine = current
-    pos, cur, old, adv = (
-        torch.from_numpy(x)
-        for x in _concat_gathered(
-            state.all_gather,
-            mine.astype(np.float64),
-            cur_mine.astype(np.float64),
-            state.old[mine].astype(np.float64),
-            state.advantages[mine].astype(np.float64),
-        )
-    )
-    pos = pos.long().numpy()
-    rank_by = None
-    if state.learner.selection_logprobs == "step_start":
-        rank_by = torch.from_numpy(state.step_start[pos]).float()
-    sel = state.selector.select(
-        cur.float(),
-        old.float(),
-        adv.float(),
-        torch.from_numpy(state.valid[pos]),
-        state.algo.policy_loss,
-        generator=state.generator,
-        rank_logprobs=rank_by,
-    )
-    selected = np.zeros(state.old.shape[0], dtype=bool)
-    selected[pos[sel.numpy()]] = True
-    return selected
-
-
-def _forward(model, state: StepState, mb: MicroBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
-    return response_logprobs(
-        model,
-        mb,
-        temperature=state.temperature,
-        with_entropy=state.algo.entropy_coef > 0,
-        full_logits=state.full_logits,
-    )
-
-
-def _backward(
-    trainable: Trainable,
-    state: StepState,
-    mb: MicroBatch,
-    logp: torch.Tensor,
-    ent: torch.Tensor | None,
-    selected: np.ndarray | None,
-    norm: float,
-) -> None:
-    """The micro-batch's loss (a part of its mini-batch's, global normaliser ``norm``), backward, stats."""
-    batch, algo = state.batch, state.algo
-    loss_cfg = algo.policy_loss
-    mask = mb.response_mask
-    old = to_padded(state.old, mb)
-    adv = torch.from_numpy(batch.advantages[mb.rows])[:, None].expand_as(old) * mask
-    if batch.loss_mask is not None:
-        mask = mask & (torch.from_numpy(batch.loss_mask[mb.rows])[:, None] > 0)
-    sel = None if selected is None else to_padded(selected.astype(np.float32), mb).bool()
-    # Only passed when set, so policy losses registered without ``token_weights`` keep working.
-    extra = {} if state.is_weights is None else {"token_weights": to_padded(state.is_weights, mb)}
-    loss, stats = state.loss_fn(
-        logp, old, adv, mask, loss_cfg, normalizer=norm, selected=sel, generator=state.generator, **extra
-    )
-    agg = dict(mode=loss_cfg.loss_agg_mode, normalizer=norm, seq_norm_length=loss_cfg.seq_norm_length)
-    if ent is not None:
-        term, _ = entropy_bonus(ent, mask, algo.entropy_coef, **agg)
-        loss = loss + term
-    if algo.kl_coef > 0 and batch.ref_logprobs is not None:
-        kl = kl_penalty(logp, to_padded(batch.ref_logprobs, mb), algo.kl_estimator)
-        loss = loss + algo.kl_coef * aggregate_loss(kl, mask, **agg)
-        stats["kl_ref"] = (kl.detach() * mask).sum() / mask.sum().clamp(min=1)
-    stats = {k: v for k, v in stats.items() if not k.startswith("cov/") or k == "cov/selected_frac"}
-    # A non-finite loss is still back-propagated: its NaN/inf reaches the gradient norm, which DeepSpeed
-    # (ZeRO >= 1) checks before stepping -- the whole update is then skipped and the accumulated
-    # gradients cleared, on every rank alike.
-    if torch.isfinite(loss):
-        state.acc.add(stats, float(mask.sum()))
-        state.loss_sum += float(loss.detach())
-    else:
-        state.nonfinite += 1
-    trainable.backward(loss * state.world_size)
 
 
 @dataclass
@@ -434,18 +194,6 @@ def _top_covariance_tokens(
         }
         for i, r in zip(top, rows)
     ]
-
-
-def _gather_full(gather: AllGather, batch: TrainBatch, own: np.ndarray, *values: np.ndarray):
-    """Each rank holds ``values`` at flat positions ``own``; returns full flat arrays on every rank."""
-    gathered = _concat_gathered(gather, own.astype(np.float64), *[v.astype(np.float64) for v in values])
-    positions = gathered[0].astype(np.int64)
-    out = []
-    for g in gathered[1:]:
-        full = np.zeros(int(batch.response_lengths.sum()), dtype=np.float32)
-        full[positions] = g
-        out.append(full)
-    return out
 
 
 def _step_start_metrics(
