@@ -268,31 +268,19 @@ class Learner:
     ) -> None:
         """Join (every rank) the collective weight-transfer group with the generator replicas; rank 0
         hosts the rendezvous and drives the replicas (``weight_sync.method: collective``)."""
-        from vllm.distributed.weight_transfer import WeightTransferTrainerFactory
+        from actors.weight_transfer import start_trainer_transfer
 
-        from actors.weight_transfer import (
-            GeneratorClient,
-            LearnerWeightSource,
-            register_gloo_backend,
-            resolve_backend,
-            resolve_wire_dtype,
-            trainer_init_info,
-        )
-
-        register_gloo_backend()
         self.shutdown_weight_transfer()
-        source = LearnerWeightSource(
-            self.engine.module, zero3=self.cfg.zero_stage == 3, wire_dtype=resolve_wire_dtype(sync.wire_dtype)
-        )
-        info = trainer_init_info(
-            resolve_backend(sync.backend),
-            rank=self.rank,
+        zero3 = self.cfg.zero_stage == 3
+        self._transfer = start_trainer_transfer(
+            self.engine.module,
+            gather=self._deepspeed.zero.GatheredParameters if zero3 else None,
+            generators=generators,
+            rank_offsets=rank_offsets,
             world_size=world_size,
-            bucket_bytes=int(sync.bucket_mb * (1 << 20)),
-            timeout_s=sync.timeout_s,
+            rank=self.rank,
+            sync=sync,
         )
-        client = GeneratorClient(generators, rank_offsets)
-        self._transfer = WeightTransferTrainerFactory.trainer_init(info, client=client, source=source)
 
     def send_weights(self, version: int) -> float:
         """Broadcast the current weights to every replica of the group (all ranks call it)."""

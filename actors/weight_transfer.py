@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import datetime
 import socket
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
@@ -311,11 +312,18 @@ def register_gloo_backend() -> None:
 class LearnerWeightSource(WeightSource):
     """The learner's HF-named weights in the generators' dtype, re-iterable every round.
 
-    Under ZeRO-3 each parameter is gathered on every rank in the same order (a collective), so peak
-    extra memory is one parameter, not the model."""
+    Under ZeRO-3 (``gather`` given: the learner's ``deepspeed.zero.GatheredParameters``, so this module
+    needs no DeepSpeed import) each parameter is gathered on every rank in the same order (a collective),
+    so peak extra memory is one parameter, not the model."""
 
-    def __init__(self, module: torch.nn.Module, *, zero3: bool, wire_dtype: torch.dtype) -> None:
-        self.module, self.zero3, self.wire_dtype = module, zero3, wire_dtype
+    def __init__(
+        self,
+        module: torch.nn.Module,
+        *,
+        wire_dtype: torch.dtype,
+        gather: Callable[[list[torch.Tensor]], AbstractContextManager] | None = None,
+    ) -> None:
+        self.module, self.gather, self.wire_dtype = module, gather, wire_dtype
         self.names = list(module.state_dict().keys())
 
     def _tensor(self, name: str) -> torch.Tensor:
@@ -335,10 +343,8 @@ class LearnerWeightSource(WeightSource):
     def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
         for name in self.names:
             t = self._tensor(name)
-            if self.zero3 and hasattr(t, "ds_id"):
-                import deepspeed
-
-                with deepspeed.zero.GatheredParameters([t]):
+            if self.gather is not None and hasattr(t, "ds_id"):
+                with self.gather([t]):
                     yield name, t.detach().to(self.wire_dtype, copy=True)
             else:
                 yield name, t.detach().to(self.wire_dtype)
@@ -406,3 +412,28 @@ def trainer_init_info(
         packed_buffer_size_bytes=bucket_bytes,
         rank=rank,
     )
+
+
+def start_trainer_transfer(
+    module: torch.nn.Module,
+    *,
+    gather: Callable[[list[torch.Tensor]], AbstractContextManager] | None,
+    generators: list[Any],
+    rank_offsets: list[int],
+    world_size: int,
+    rank: int,
+    sync: Any,  # schemas.run_config.WeightSyncConfig
+) -> Any:
+    """The learner side of vLLM's weight-transfer protocol for one rank: joins the group with the generator
+    replicas (rank 0 hosts the rendezvous and drives them). Returns the trainer-side transfer object."""
+    register_gloo_backend()
+    source = LearnerWeightSource(module, wire_dtype=resolve_wire_dtype(sync.wire_dtype), gather=gather)
+    info = trainer_init_info(
+        resolve_backend(sync.backend),
+        rank=rank,
+        world_size=world_size,
+        bucket_bytes=int(sync.bucket_mb * (1 << 20)),
+        timeout_s=sync.timeout_s,
+    )
+    client = GeneratorClient(generators, rank_offsets)
+    return WeightTransferTrainerFactory.trainer_init(info, client=client, source=source)

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from pipeline.driver.progress import law_at
+from pipeline.core.law import law_at
 
 TIME_KEYS = (
     "time/generate",

@@ -11,6 +11,7 @@ Deviations: none (the paper does not say how it fits; ordinary least squares in 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -91,3 +92,10 @@ def fit_early(entropy, reward, fraction: float = 0.15) -> EarlyFit:
     pred = fit.predict(h[n_fit:])
     rmse = float(np.sqrt(np.mean((pred - r[n_fit:]) ** 2)))
     return EarlyFit(fit=fit, n_fit=n_fit, predictions=pred, rmse=rmse)
+
+
+def law_at(row: dict, entropy: float | None) -> float | None:
+    """The fitted ``R = -a exp(H) + b`` of ``row`` at ``entropy`` (None without a fit or an entropy)."""
+    if entropy is None or "law/a" not in row or "law/b" not in row:
+        return None
+    return -row["law/a"] * math.exp(entropy) + row["law/b"]

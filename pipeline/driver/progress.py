@@ -6,17 +6,11 @@ as an accuracy it is not. The fitted ``R(H)`` at the step's own entropy is on th
 
 from __future__ import annotations
 
-import math
 import sys
 import time
 from typing import Any, TextIO
 
-
-def law_at(row: dict[str, Any], entropy: float | None) -> float | None:
-    """The fitted ``R = -a exp(H) + b`` of ``row`` at ``entropy`` (None without a fit or an entropy)."""
-    if entropy is None or "law/a" not in row or "law/b" not in row:
-        return None
-    return -row["law/a"] * math.exp(entropy) + row["law/b"]
+from pipeline.core.law import law_at
 
 
 class Progress:
