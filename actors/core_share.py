@@ -2,11 +2,11 @@
 
 Why: in async mode generation of step t+1 runs while the learner trains on step t. When both roles sit on
 the same cores, fixed thread counts oversubscribe them: an OpenMP region waits for its slowest thread,
-and a thread that shares its core with the other role is always the slowest. On 2 cores, 2+2 threads
-made the async step 2.2x slower than sync (bench/bench_async.py). Instead the generator raises a
+and a thread that shares its core with the other role is always the slowest (bench/README.md has the
+measured cost). Instead the generator raises a
 node-local flag while it generates, and the learner drops to ``threads_while_generating`` threads until
 the flag is gone, then takes every core back. The learner looks at the flag at every transformer block,
-in forward and in backward, so it reacts within one layer (0.89x sync on 2 cores).
+in forward and in backward, so it reacts within one layer.
 
 The flag is a file ``<root>/<key>/<replica>.<pid>`` on tmpfs: node-local by construction (a generator on
 another node never slows this learner), ~2 us to check, and a flag left by a killed generator is

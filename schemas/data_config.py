@@ -92,7 +92,7 @@ TaskConfig = Annotated[
 
 
 class TinyModelConfig(Strict):
-    """Architecture and supervised warm start of the embedded tiny Llama (see CALIBRATION.md).
+    """Architecture and supervised warm start of the embedded tiny Llama (measured warm starts: docs/tasks.md).
 
     The warm start stops by evaluation: at the first held-out pass@1 (temperature 1) that reaches
     ``stop_at``, which must lie inside ``[target_low, target_high]``; the RL run then has room to improve.

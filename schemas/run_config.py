@@ -369,7 +369,7 @@ class RunConfig(Strict):
             out.append(
                 f"learner.threads_while_generating={twg} + generator.threads={self.generator.threads} > "
                 f"learner.threads={self.learner.threads}: where the two roles share cores they are oversubscribed "
-                "while generating (bench/bench_async.py: 1.2x slower than sync on 2 cores); lend as many "
+                "while generating, which is slower than sync mode (bench/README.md); lend as many "
                 "threads as the generator uses"
             )
         return out
