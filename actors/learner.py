@@ -310,5 +310,5 @@ class Learner:
 def _to_numpy(module) -> list[tuple[str, np.ndarray]]:
     """HF-named fp32 arrays of the whole state dict. Tied tensors (LM head = embeddings) are sent under both
     names on purpose: vLLM's CPU backend keeps its own (repacked) LM-head weight, which goes stale when the
-    duplicate is skipped (tests/test_pipeline_e2e.py compares log-probs after a sync)."""
+    duplicate is skipped (tests/e2e/test_pipeline_e2e.py compares log-probs after a sync)."""
     return [(name, t.detach().float().cpu().numpy()) for name, t in module.state_dict().items()]

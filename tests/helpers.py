@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import math
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from schemas.batches import Ragged, TrainBatch, ragged_positions
 from schemas.config import BUILTIN_LOSSES, PolicyLossBase
@@ -66,3 +70,105 @@ def take_rows(batch: TrainBatch, rows: np.ndarray) -> TrainBatch:
         loss_mask=None if batch.loss_mask is None else batch.loss_mask[rows],
         prompt_index=batch.prompt_index[rows],
     )
+
+
+# ------------------------------------------------------------------ tiny models and trainables
+
+
+def tiny_model(seed=0):
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=24,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
+    )
+    return LlamaForCausalLM(cfg).float()
+
+
+def random_batch(n=24, seed=0):
+    return synthetic_train_batch(n, seed=seed)
+
+
+class SGDTrainable:
+    def __init__(self, model, lr=0.5):
+        self.module = model
+        self.opt = torch.optim.SGD(model.parameters(), lr=lr)
+
+    def backward(self, loss):
+        loss.backward()
+
+    def step(self):
+        self.opt.step()
+        self.opt.zero_grad()
+        return None
+
+
+class _OneHot(torch.nn.Module):
+    def __init__(self, vocab: int) -> None:
+        super().__init__()
+        self.vocab = vocab
+
+    def forward(self, input_ids, attention_mask=None, use_cache=None):
+        return SimpleNamespace(last_hidden_state=torch.nn.functional.one_hot(input_ids, self.vocab).float())
+
+
+class LookupPolicy(torch.nn.Module):
+    """logits(next | current token j) = head.weight[:, j]; ``base_model`` gives one-hot hidden states."""
+
+    def __init__(self, vocab: int) -> None:
+        super().__init__()
+        self.base_model = _OneHot(vocab)
+        self.head = torch.nn.Linear(vocab, vocab, bias=False)
+        torch.nn.init.zeros_(self.head.weight)
+
+    def get_output_embeddings(self):
+        return self.head
+
+    def forward(self, input_ids, attention_mask=None, use_cache=None):
+        return SimpleNamespace(logits=self.head(self.base_model(input_ids).last_hidden_state))
+
+
+class SGD:
+    def __init__(self, model):
+        self.module = model
+        self.backward_calls = 0
+
+    def backward(self, loss):
+        self.backward_calls += 1
+        loss.backward()
+
+    def step(self):
+        return None
+
+
+def chain_case(lengths, advantages, current, old):
+    """A batch of rows ``[prompt, r_1 .. r_n]`` with token ids that never repeat, and a policy whose
+    log-prob of each response token is ``current`` (flat, row by row): with vocabulary V and every other
+    logit 0, ``log p = x - log(e^x + V - 1)``, so ``x = log(p (V - 1) / (1 - p))``."""
+    seqs, start = [], 0
+    for n in lengths:
+        seqs.append(list(range(start, start + n + 1)))
+        start += n + 1
+    vocab = start
+    model = LookupPolicy(vocab)
+    flat = iter(current)
+    with torch.no_grad():
+        for row in seqs:
+            for j, nxt in zip(row[:-1], row[1:]):
+                p = math.exp(next(flat))
+                model.head.weight[nxt, j] = math.log(p * (vocab - 1) / (1 - p))
+    batch = TrainBatch(
+        step=1,
+        policy_version=0,
+        sequences=Ragged.from_lists(seqs),
+        prompt_lengths=np.ones(len(lengths), np.int32),
+        advantages=np.asarray(advantages, np.float32),
+        sampler_logprobs=np.asarray(old, np.float32),
+        prompt_index=np.zeros(len(lengths), np.int64),
+    )
+    return model, batch

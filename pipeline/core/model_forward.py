@@ -112,7 +112,7 @@ def micro_batches(
     sequence length (``lengths``, indexed by row id), longest first, and cut greedily so that rows x
     longest row <= ``token_budget`` padded tokens (a row longer than the budget goes alone). Sorting puts
     similar lengths together, so little compute goes to padding; the losses are normalised by global
-    counts, so the update does not depend on how rows are cut (tests/test_ppo_update.py)."""
+    counts, so the update does not depend on how rows are cut (tests/unit/test_ppo_update.py)."""
     if token_budget is None:
         return [rows[i : i + size] for i in range(0, rows.shape[0], size)]
     if lengths is None:

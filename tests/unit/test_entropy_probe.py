@@ -9,8 +9,7 @@ from pipeline.core.entropy_dynamics import exact_entropy_change, first_order_ent
 from pipeline.core.entropy_probe import lr_key, sgd_entropy_probe
 from pipeline.core.ppo_update import ppo_update
 from schemas.run_config import AlgorithmConfig, LearnerConfig
-from tests.test_ppo_update import SGDTrainable, random_batch, tiny_model
-from tests.test_selection_faithful import chain_case
+from tests.helpers import SGDTrainable, chain_case, random_batch, tiny_model
 
 
 def test_probe_leaves_weights_and_update_unchanged():

@@ -4,7 +4,7 @@ host process, its memory and its files are untouched and nothing is left running
 Which layers hold on this machine is printed by ``sandbox_capabilities()``; tests that need a layer the
 machine lacks are skipped with that reason (on the reference box, root + unshare, all run). Where no
 sandbox can be built at all the verifier refuses to run code, and this whole module is skipped saying why
-(``tests/test_verifiers.py`` checks that refusal). docs/sandbox.md tabulates the cases.
+(``tests/integration/test_verifiers.py`` checks that refusal). docs/sandbox.md tabulates the cases.
 """
 
 from __future__ import annotations
@@ -518,7 +518,7 @@ def test_a_killed_verifier_takes_its_sandbox_with_it():
         "print('probed', flush=True)\n"
         "run_python('import time\\ntime.sleep(3600)', limits=SandboxLimits(wall_s=3600, cpu_s=3600))\n"
     )
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     verifier = subprocess.Popen(
         [sys.executable, "-c", start],
         cwd=root,

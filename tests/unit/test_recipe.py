@@ -32,8 +32,7 @@ from schemas.batches import (
 )
 from schemas.config import policy_loss
 from schemas.run_config import AlgorithmConfig, ISCorrectionConfig, LearnerConfig, RunConfig
-from tests.helpers import loss_cfg, synthetic_train_batch, take_rows
-from tests.test_ppo_update import tiny_model
+from tests.helpers import loss_cfg, synthetic_train_batch, take_rows, tiny_model
 
 # ------------------------------------------------------------------------------ fakes
 

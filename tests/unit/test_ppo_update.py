@@ -9,45 +9,11 @@ import threading
 import numpy as np
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from pipeline.core.model_forward import make_micro_batch, micro_batches, response_logprobs
 from pipeline.core.ppo_update import ppo_update
 from schemas.run_config import AlgorithmConfig, LearnerConfig
-from tests.helpers import loss_cfg, synthetic_train_batch
-
-
-def tiny_model(seed=0):
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=24,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=True,
-    )
-    return LlamaForCausalLM(cfg).float()
-
-
-def random_batch(n=24, seed=0):
-    return synthetic_train_batch(n, seed=seed)
-
-
-class SGDTrainable:
-    def __init__(self, model, lr=0.5):
-        self.module = model
-        self.opt = torch.optim.SGD(model.parameters(), lr=lr)
-
-    def backward(self, loss):
-        loss.backward()
-
-    def step(self):
-        self.opt.step()
-        self.opt.zero_grad()
-        return None
+from tests.helpers import SGDTrainable, loss_cfg, random_batch, synthetic_train_batch, tiny_model
 
 
 def test_response_logprobs_match_naive_forward():

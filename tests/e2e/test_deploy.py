@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SUBMIT = ROOT / "deploy" / "submit.sh"
 CLUSTER = ROOT / "deploy" / "local-cluster.sh"
 PY = sys.executable

@@ -11,7 +11,6 @@ are stored in tests/data/verl_reference_cases.json with the inputs.
 import json
 import math
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -19,78 +18,11 @@ import torch
 
 from pipeline.core.losses import clip_cov_candidates, get_policy_loss, get_token_selector
 from pipeline.core.mini_batch import StepState, update_mini_batch
-from schemas.batches import Ragged, TrainBatch
 from schemas.config import policy_loss
 from schemas.run_config import AlgorithmConfig, LearnerConfig
-from tests.helpers import loss_cfg
+from tests.helpers import SGD, LookupPolicy, chain_case, loss_cfg
 
 CASES = json.loads((Path(__file__).parent / "data" / "verl_reference_cases.json").read_text())["cases"]
-
-
-class _OneHot(torch.nn.Module):
-    def __init__(self, vocab: int) -> None:
-        super().__init__()
-        self.vocab = vocab
-
-    def forward(self, input_ids, attention_mask=None, use_cache=None):
-        return SimpleNamespace(last_hidden_state=torch.nn.functional.one_hot(input_ids, self.vocab).float())
-
-
-class LookupPolicy(torch.nn.Module):
-    """logits(next | current token j) = head.weight[:, j]; ``base_model`` gives one-hot hidden states."""
-
-    def __init__(self, vocab: int) -> None:
-        super().__init__()
-        self.base_model = _OneHot(vocab)
-        self.head = torch.nn.Linear(vocab, vocab, bias=False)
-        torch.nn.init.zeros_(self.head.weight)
-
-    def get_output_embeddings(self):
-        return self.head
-
-    def forward(self, input_ids, attention_mask=None, use_cache=None):
-        return SimpleNamespace(logits=self.head(self.base_model(input_ids).last_hidden_state))
-
-
-class SGD:
-    def __init__(self, model):
-        self.module = model
-        self.backward_calls = 0
-
-    def backward(self, loss):
-        self.backward_calls += 1
-        loss.backward()
-
-    def step(self):
-        return None
-
-
-def chain_case(lengths, advantages, current, old):
-    """A batch of rows ``[prompt, r_1 .. r_n]`` with token ids that never repeat, and a policy whose
-    log-prob of each response token is ``current`` (flat, row by row): with vocabulary V and every other
-    logit 0, ``log p = x - log(e^x + V - 1)``, so ``x = log(p (V - 1) / (1 - p))``."""
-    seqs, start = [], 0
-    for n in lengths:
-        seqs.append(list(range(start, start + n + 1)))
-        start += n + 1
-    vocab = start
-    model = LookupPolicy(vocab)
-    flat = iter(current)
-    with torch.no_grad():
-        for row in seqs:
-            for j, nxt in zip(row[:-1], row[1:]):
-                p = math.exp(next(flat))
-                model.head.weight[nxt, j] = math.log(p * (vocab - 1) / (1 - p))
-    batch = TrainBatch(
-        step=1,
-        policy_version=0,
-        sequences=Ragged.from_lists(seqs),
-        prompt_lengths=np.ones(len(lengths), np.int32),
-        advantages=np.asarray(advantages, np.float32),
-        sampler_logprobs=np.asarray(old, np.float32),
-        prompt_index=np.zeros(len(lengths), np.int64),
-    )
-    return model, batch
 
 
 def one_update(model, batch, old, policy_loss, learner=None):

@@ -141,23 +141,25 @@ def test_custom_verifier_plugin_trains_on_a_jsonl_dataset(tmp_path, ray_cluster)
                 and r["reward/kept_mean"] > 0
             ),
         ),
-        (  # the entropy controller sets Clip-Cov's ratio each step from the measured entropy
+        (  # the entropy controller sets Clip-Cov's ratio each step from the measured entropy: the target
+            # (1.5x the step-1 entropy) is above the entropy, so the knob stays above its start (2e-4)
             {
                 "algorithm.policy_loss.name": "clip_cov",
                 "algorithm.entropy_control": "{enabled: true, target_fraction: 1.5}",
             },
-            lambda r: r["control/target"] > 0 and r["control/value"] > 0,
+            lambda r: r["control/value"] > 2e-4 and r["control/target"] > r["entropy/mean"],
         ),
         (  # one-step-async: generation of step t+1 runs with the weights of step t-1, and the learner
             # lends a core to the generator while it generates (actors/core_share.py)
             {"schedule.mode": "async", "generator.threads": 1, "learner.threads_while_generating": 1},
-            lambda r: (r["step"] == 1 or r["version_lag"] == 1) and r["time/learner_cores_lent"] >= 0,
+            lambda r: r["step"] == 1 or r["version_lag"] == 1,
         ),
-        (  # a KL term starts the reference role: frozen initial policy, per-token reference log-probs
+        (  # a KL term starts the reference role: frozen initial policy, per-token reference log-probs;
+            # after the first update the policy has moved away from it, so the KL to it is positive
             {"algorithm.kl_coef": 0.05},
             lambda r: (
                 r["time/reference"] > 0
-                and r["actor/kl_ref"] >= 0
+                and (r["step"] == 1 or r["actor/kl_ref"] > 1e-6)
                 and "reference" in {s["role"] for s in r["sources"]}
             ),
         ),

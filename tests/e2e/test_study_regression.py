@@ -23,7 +23,7 @@ from pipeline.train import main as train_main
 
 pytestmark = [pytest.mark.e2e, pytest.mark.ray]
 
-STUDY = Path(__file__).resolve().parents[1] / "configs" / "study" / "addition"
+STUDY = Path(__file__).resolve().parents[2] / "configs" / "study" / "addition"
 BUDGET = {
     "schedule.steps": 30,
     "schedule.eval_every": 0,

@@ -2,7 +2,7 @@
 
 Real files on tmpfs and real processes; the thread setter is recorded so the test does not depend on how
 many cores this machine has. The end-to-end effect is measured in bench/bench_async.py, and the async e2e
-test (tests/test_pipeline_e2e.py) runs with the governor on.
+test (tests/e2e/test_pipeline_e2e.py) runs with the governor on.
 """
 
 import multiprocessing as mp

@@ -22,7 +22,7 @@ from pipeline.train import parse_args, prepare
 from schemas.run_config import RunConfig
 
 pytestmark = [pytest.mark.e2e, pytest.mark.ray]
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SMALL = [
     "schedule.prompts_per_step=16",
     "schedule.group_size=4",

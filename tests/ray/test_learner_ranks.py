@@ -9,8 +9,7 @@ from transformers import LlamaForCausalLM
 
 from actors.learner import Learner
 from schemas.run_config import AlgorithmConfig, LearnerConfig
-from tests.helpers import loss_cfg
-from tests.test_ppo_update import random_batch, tiny_model
+from tests.helpers import loss_cfg, random_batch, tiny_model
 
 pytestmark = [pytest.mark.ray, pytest.mark.e2e]
 
