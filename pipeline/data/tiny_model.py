@@ -198,7 +198,7 @@ def _build(cfg: TinyModelConfig, task_cfg: TaskConfig, out_dir: Path, *, progres
         opt.step()
         sched.step()
         step, loss = step + 1, out.loss.item()
-        out_of_time = time.perf_counter() - t0 > cfg.max_seconds
+        out_of_time = cfg.max_seconds is not None and time.perf_counter() - t0 > cfg.max_seconds
         if step % every and step < cfg.max_sft_steps and not out_of_time:
             continue
         expected = expected_pass_at_1(model, *stop_tf, pad_id=tokenizer.pad_token_id, groups=stop_groups)
