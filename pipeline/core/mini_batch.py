@@ -79,10 +79,15 @@ def update_mini_batch(trainable: Trainable, state: StepState, mini: np.ndarray, 
     mode = state.algo.policy_loss.loss_agg_mode
     norm = float(batch.response_lengths[kept].sum()) if mode == "token-mean" else float(len(kept))
     norm = max(norm, 1.0)  # a fully masked mini-batch: every term is 0
+    # Before the first update the current policy IS the old one: its ratio is exactly 1 and KL-Cov's
+    # |logp - old| exactly 0. Taking "old" from the loss forward itself keeps it so; the separately computed
+    # step-start log-probs differ from it by float noise (batch shape, kernels), whose sign would give
+    # KL-Cov's penalty a random +-beta gradient on the first mini-batch of every step.
+    on_policy = first and state.old is state.step_start
     if state.selector is None:
         for part in parts:
             mb = make_micro_batch(batch, part)
-            _backward(trainable, state, mb, *_forward(model, state, mb), None, norm)
+            _backward(trainable, state, mb, *_forward(model, state, mb), None, norm, on_policy)
         return
     fused = all(
         len(state.micro_batches(shard(mini, r, state.world_size))) <= 1 for r in range(state.world_size)
@@ -92,7 +97,7 @@ def update_mini_batch(trainable: Trainable, state: StepState, mini: np.ndarray, 
         model.train()
         for part in parts:
             mb = make_micro_batch(batch, part)
-            _backward(trainable, state, mb, *_forward(model, state, mb), selected, norm)
+            _backward(trainable, state, mb, *_forward(model, state, mb), selected, norm, on_policy)
         return
     # Fused: select between the forward and its backward, from the forward's own detached log-probs.
     mb = make_micro_batch(batch, parts[0]) if parts else None
@@ -101,7 +106,7 @@ def update_mini_batch(trainable: Trainable, state: StepState, mini: np.ndarray, 
         return
     logp, ent = _forward(model, state, mb)
     selected = _select(state, (mb.flat_index, logp.detach()[mb.response_mask].numpy()))
-    _backward(trainable, state, mb, logp, ent, selected, norm)
+    _backward(trainable, state, mb, logp, ent, selected, norm, on_policy)
 
 
 def _current_logprobs(
@@ -179,12 +184,13 @@ def _backward(
     ent: torch.Tensor | None,
     selected: np.ndarray | None,
     norm: float,
+    on_policy: bool,
 ) -> None:
     """The micro-batch's loss (a part of its mini-batch's, global normaliser ``norm``), backward, stats."""
     batch, algo = state.batch, state.algo
     loss_cfg = algo.policy_loss
     mask = mb.response_mask
-    old = to_padded(state.old, mb)
+    old = logp.detach() if on_policy else to_padded(state.old, mb)
     adv = torch.from_numpy(batch.advantages[mb.rows])[:, None].expand_as(old) * mask
     if batch.loss_mask is not None:
         mask = mask & (torch.from_numpy(batch.loss_mask[mb.rows])[:, None] > 0)

@@ -189,3 +189,16 @@ def test_entropy_change_is_measured_when_asked():
     assert m["entropy/measured_change"] == pytest.approx(m["entropy/after_update"] - m["entropy/mean"])
     assert m["entropy/measured_change"] != 0.0
     assert m["actor/updates"] == 2
+
+
+@pytest.mark.parametrize("micro", [3, 64])
+def test_kl_cov_penalty_is_zero_on_the_first_update(micro):
+    """Before the first optimizer step the policy is the old one, so KL-Cov's beta*|logp - old| term is 0
+    with gradient 0: one mini-batch of KL-Cov is exactly the unclipped policy gradient, i.e. PPO's update
+    (no ratio is clipped at ratio 1), whatever float noise the separately computed old log-probs carry."""
+    batch = random_batch()
+    a, b = tiny_model(), tiny_model()
+    run_update(a, batch, "kl_cov", micro=micro, mini=1)
+    run_update(b, batch, "ppo", micro=micro, mini=1)
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(pa, pb, atol=1e-6, rtol=1e-5)
