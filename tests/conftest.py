@@ -31,3 +31,12 @@ def ray_cluster():
         )
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def chat_model_path():
+    """The real-tokenizer fixture: a small Qwen2 with a locally trained byte-level BPE and a Qwen chat
+    template (``pipeline.data.chat_model``), built once into the covrl cache."""
+    from pipeline.data.chat_model import ensure_chat_model
+
+    return ensure_chat_model()
