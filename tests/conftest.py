@@ -25,7 +25,8 @@ def ray_cluster():
             num_cpus=4,
             include_dashboard=True,
             dashboard_host="127.0.0.1",
-            dashboard_port=8299,
+            # several test sessions on one machine each need their own port
+            dashboard_port=int(os.environ.get("COVRL_TEST_DASHBOARD_PORT", "8299")),
             log_to_driver=False,
             namespace="covrl-tests",
         )

@@ -5,6 +5,7 @@ import json
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -69,3 +70,26 @@ def test_sampled_turns_end_with_im_end(chat_model_path):
     end = tok.convert_tokens_to_ids(IM_END)
     lengths = [t.index(end) + 1 for t in turns if end in t]
     assert len(lengths) >= 12 and len(set(lengths)) > 4, lengths
+
+
+def test_chat_prompts_for_a_model_without_template_stop_the_start(chat_model_path, tmp_path):
+    """The same checkpoint with its chat_template removed, given verl chat prompts: the start stops before
+    Ray or any actor, naming the model directory and the prompt field."""
+    import shutil
+
+    from pipeline.data.datasets import DataError
+    from pipeline.train import parse_args, prepare
+
+    plain = tmp_path / "no-template"
+    shutil.copytree(chat_model_path, plain)
+    conf = json.loads((plain / "tokenizer_config.json").read_text())
+    del conf["chat_template"]
+    (plain / "tokenizer_config.json").write_text(json.dumps(conf))
+    pq.write_table(pa.Table.from_pylist(make_verl_rows(4)), tmp_path / "train.parquet")
+    args = parse_args(
+        ["--set", f"model.path={plain}", "--set", f"data.train_files=[{tmp_path / 'train.parquet'}]"]
+        + ["--set", f"run_dir={tmp_path}/run"]
+    )
+    with pytest.raises(DataError, match=rf"data.prompt_key 'prompt'.*\({plain}\) has no chat_template"):
+        prepare(args)
+    assert not (tmp_path / "run").exists()
