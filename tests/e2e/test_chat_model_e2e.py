@@ -66,7 +66,6 @@ def test_chat_model_trains_on_a_verl_parquet(overrides, verl_files, chat_model_p
         "algorithm.kl_coef": 0.05,
         "verifier.format_reward": "{pattern: '\\d', bonus: 1.0}",
         "learner.mini_batches": 2,
-        "learner.lr": 1e-3,
         "metrics.tensorboard": "false",
     } | overrides
     args = [x for k, v in settings.items() for x in ("--set", f"{k}={v}")]
@@ -80,9 +79,10 @@ def test_chat_model_trains_on_a_verl_parquet(overrides, verl_files, chat_model_p
         assert x[f"verifier/{source}/count"] == PROMPTS * GROUP == x["verifier/by_verifier/math/count"]
         assert x["verifier/errors"] == 0
         assert 0 < x["reward/mean"] < 2
-        # turns end at the template's <|im_end|>: most responses stop before max_new_tokens
-        assert x["response/truncated_frac"] < 0.5 and x["response_length/mean"] < 24
         assert x["time/reference"] > 0 and x["version_lag"] == 0
+    # step 1 samples the fixture as built: turns end at the template's <|im_end|> (per token ~0.08, so
+    # ~13% of 24-token turns would run to max_new_tokens); later steps may learn other lengths
+    assert r[0]["response/truncated_frac"] < 0.5 and r[0]["response_length/mean"] < 24
     # the policy moved away from the reference after the first update, so steps 2-3 sampled moved weights
     assert all(x["actor/kl_ref"] > 1e-6 for x in r[1:]), [x["actor/kl_ref"] for x in r]
     assert "eval/pass@1" in r[0] and "final/pass@1" in r[-1]
