@@ -17,6 +17,7 @@ cd "$(dirname "$0")/.."
 SMI="${NVIDIA_SMI:-nvidia-smi}"
 VENV="${COVRL_GPU_VENV:-.venv-gpu}"
 BUDGET="${COVRL_GPU_CHECK_S:-480}"
+BACKEND="${COVRL_GPU_CHECK_BACKEND:-nccl}"  # gloo: the same collective protocol over CPU (one GPU, see docs)
 
 if ! command -v "$SMI" >/dev/null 2>&1; then
   echo "[gpu_check] no NVIDIA GPU: '$SMI' not found. This check needs a machine with one NVIDIA GPU and its driver." >&2
@@ -32,13 +33,18 @@ START=$(date +%s)
 left() { echo $(( BUDGET - ($(date +%s) - START) )); }
 stage() {  # stage NAME COMMAND...: runs COMMAND with the time left, prints PASS/FAIL
   local name="$1"; shift
-  local t0=$(date +%s) rc
-  timeout "$(left)" "$@"; rc=$?
+  local t0=$(date +%s) rc log="$WORK/$name.log"
+  timeout "$(left)" "$@" 2>&1 | tee "$log"; rc=${PIPESTATUS[0]}
   if [[ $rc -eq 0 ]]; then
     echo "PASS $name ($(( $(date +%s) - t0 )) s)"
   else
     [[ $rc -eq 124 ]] && echo "[gpu_check] $name ran past the ${BUDGET}s budget" >&2
-    echo "FAIL $name (exit $rc; logs in $WORK)"
+    if grep -q "Duplicate GPU detected" "$log"; then
+      echo "[gpu_check] NCCL refused two ranks (learner rank 0, vLLM worker) on one GPU: the collective" \
+        "sync needs the generator and the learner on different GPUs; COVRL_GPU_CHECK_BACKEND=gloo checks" \
+        "the rest of the path on one (docs/deploy.md)" >&2
+    fi
+    echo "FAIL $name (exit $rc; log: $log)"
     exit 1
   fi
 }
@@ -87,7 +93,7 @@ stage pipeline_run "$PY" -m pipeline.train \
   --set "reference.resources={num_cpus: 1, num_gpus: 0.2}" \
   --set "generator.resources={num_cpus: 2, num_gpus: 0.4}" --set generator.gpu_memory_utilization=0.3 \
   --set "generator.engine_kwargs={dtype: bfloat16}" \
-  --set weight_sync.method=collective --set weight_sync.backend=nccl
+  --set weight_sync.method=collective --set "weight_sync.backend=$BACKEND"
 
 # bf16 on both sides: log-probs agree to bf16 precision, not fp32's 1e-3 (tolerances not yet measured on a GPU)
 stage step "$PY" -c "

@@ -373,22 +373,22 @@ def test_stream_resume_equivalence_property(n_rows, sizes, cut, seed):
 def test_verl_parquet_loads_as_is_and_routes_by_data_source(tmp_path):
     """A parquet file in verl's columns (prompt as chat messages, reward_model struct, extra_info struct,
     ability) loads unchanged; its math source goes to math-verify without any route in the config, a
-    source the config routes goes where the config says, and extra_info reaches the verifier."""
+    source the config routes goes where the config says, and extra_info reaches the verifier (the routed
+    plug-in scores from extra_info alone)."""
     from actors.verifier import VerifierWorker
     from pipeline.data.chat_model import make_verl_rows
     from pipeline.data.tasks import verifier_config_for_run
     from pipeline.driver.rollout import encode_prompts
     from schemas.verifier_config import VerifierConfig, VerifierSpec
 
-    tests = {"inputs": ["2 3\n"], "outputs": ["5"]}
-    code_row = {
-        "data_source": "my_code",
-        "prompt": [{"role": "user", "content": "add two numbers"}],
-        "ability": "code",
+    own_row = {
+        "data_source": "my_source",
+        "prompt": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "name a colour"}],
+        "ability": "other",
         "reward_model": {"style": "rule", "ground_truth": "-"},
-        "extra_info": {"split": "train", "index": 9, "tests": tests},
+        "extra_info": {"split": "train", "index": 9, "answer": "teal"},
     }
-    verl = [*make_verl_rows(3), code_row]
+    verl = [*make_verl_rows(3), own_row]
     pq.write_table(pa.Table.from_pylist(verl), tmp_path / "train.parquet")
     tok = build_char_tokenizer(task.SYMBOLS, max_length=512)
     tok.chat_template = "{% for m in messages %}{{ m['role'] }}:{{ m['content'] }};{% endfor %}assistant:"
@@ -396,25 +396,21 @@ def test_verl_parquet_loads_as_is_and_routes_by_data_source(tmp_path):
     rows, rep = load_split(data, "train", tokenizer=tok)
     assert (rep.loaded, rep.bad_rows) == (4, 0)
     assert [r["ground_truth"] for r in rows] == [r["reward_model"]["ground_truth"] for r in verl]
-    assert [r["data_source"] for r in rows] == ["lighteval/MATH"] * 3 + ["my_code"]
+    assert [r["data_source"] for r in rows] == ["lighteval/MATH"] * 3 + ["my_source"]
     assert rows[0]["prompt"] == f"user:{verl[0]['prompt'][0]['content']};assistant:" and rows[0]["templated"]
+    assert rows[3]["prompt"] == "system:be brief;user:name a colour;assistant:"
     # parquet unifies the struct: keys a row lacks come back as None, the row's own keys as written
-    assert {k: v for k, v in rows[3]["extra"].items() if v is not None} == code_row["extra_info"]
-    assert rows[0]["extra"]["answer"] == verl[0]["reward_model"]["ground_truth"]
+    assert {k: v for k, v in rows[3]["extra"].items() if v is not None} == own_row["extra_info"]
+    assert rows[0]["extra"]["question"] == verl[0]["extra_info"]["question"]
 
+    plugin = VerifierSpec(name="tests.extras_verifier:AnswerInExtras")
     config = verifier_config_for_run(
-        VerifierConfig(default=VerifierSpec(name="exact"), routes={"my_code": VerifierSpec(name="code")}),
-        data,
+        VerifierConfig(default=VerifierSpec(name="exact"), routes={"my_source": plugin}), data
     )
-    assert config.routes["lighteval/MATH"].name == "math" and config.routes["my_code"].name == "code"
+    assert config.routes["lighteval/MATH"].name == "math"
     batch = encode_prompts([dict(r, index=i) for i, r in enumerate(rows)], tok, step=1)
     answers = [f"The answer is \\boxed{{{r['ground_truth']}}}." for r in rows[:3]]
-    responses = [
-        answers[0],
-        "so it is $\\frac{2}{4}$",
-        answers[2],
-        "a, b = map(int, input().split())\nprint(a + b)",
-    ]
+    responses = [answers[0], "so it is $\\frac{2}{4}$", answers[2], "teal"]
     worker = VerifierWorker(config)
     try:
         scores, reasons, stats = worker.score(
@@ -423,7 +419,7 @@ def test_verl_parquet_loads_as_is_and_routes_by_data_source(tmp_path):
     finally:
         worker.close()
     assert scores.tolist() == [1.0, 0.0, 1.0, 1.0], reasons
-    assert stats["verifier/by_verifier/math/count"] == 3 and stats["verifier/by_verifier/code/count"] == 1
+    assert stats["verifier/by_verifier/math/count"] == 3 and stats["verifier/my_source/count"] == 1
 
 
 def test_known_sources_route_only_file_runs_and_never_over_the_config():
