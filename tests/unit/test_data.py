@@ -434,3 +434,22 @@ def test_known_sources_route_only_file_runs_and_never_over_the_config():
     assert all(routes[s].name == "math" for s in MATH_SOURCES if s != "openai/gsm8k")
     synthetic = verifier_config_for_run(VerifierConfig(), DataConfig()).routes
     assert not set(MATH_SOURCES) & set(synthetic)
+
+
+def test_start_prints_each_sources_verifier_and_why(capsys):
+    from pipeline.train import print_routes
+    from schemas.run_config import RunConfig
+
+    cfg = RunConfig.model_validate(
+        {
+            "data": {"train_files": ["x.parquet"]},
+            "verifier": {"default": {"name": "exact"}, "routes": {"openai/gsm8k": {"name": "numeric"}}},
+        }
+    )
+    rows = [{"data_source": s} for s in ("lighteval/MATH", "lighteval/MATH", "openai/gsm8k", "mine")]
+    print_routes(cfg, rows)
+    assert capsys.readouterr().out.splitlines() == [
+        "[covrl] verifier: data_source 'lighteval/MATH' (2 train rows) -> 'math' (built in)",
+        "[covrl] verifier: data_source 'mine' (1 train rows) -> 'exact' (verifier.default)",
+        "[covrl] verifier: data_source 'openai/gsm8k' (1 train rows) -> 'numeric' (verifier.routes)",
+    ]
