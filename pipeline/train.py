@@ -155,28 +155,42 @@ def prepare(args: argparse.Namespace) -> Prepared:
     print(f"[covrl] train data: {train_report.summary()}", flush=True)
     if eval_report is not None:
         print(f"[covrl] eval data: {eval_report.summary()}", flush=True)
+    print_routes(cfg, train_rows)
     stream = PromptStream.from_config(train_rows, cfg.data)
     if resume_state is not None:
         stream.load_state_dict(resume_state[1].data_state)
     return Prepared(cfg, run_dir, model_path, tokenizer, stream, eval_rows, resume_state)
 
 
+def print_routes(cfg: RunConfig, rows: list[dict[str, Any]]) -> None:
+    """Which verifier scores each data source of the training rows, and which setting chose it."""
+    from collections import Counter
+
+    from pipeline.data.tasks import builtin_routes
+
+    builtin = builtin_routes(cfg.data)
+    for source, n in sorted(Counter(r["data_source"] for r in rows).items()):
+        if source in cfg.verifier.routes:
+            spec, why = cfg.verifier.routes[source], "verifier.routes"
+        elif source in builtin:
+            spec, why = builtin[source], "built in"
+        else:
+            spec, why = cfg.verifier.default, "verifier.default"
+        print(
+            f"[covrl] verifier: data_source {source!r} ({n} train rows) -> {spec.name!r} ({why})", flush=True
+        )
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import ray
 
     from pipeline.analysis.summary import summarize_run
-    from pipeline.data.tasks import task_routes
     from pipeline.driver.roles import RoleFailure
 
     prep = prepare(args)
     cfg, run_dir, stream, resume = prep.cfg, prep.run_dir, prep.stream, prep.resume
     for w in cfg.warnings():
         print(f"[covrl] WARNING: {w}", flush=True)
-    for source, spec in task_routes(cfg.data).items():
-        if source not in cfg.verifier.routes:
-            print(
-                f"[covrl] verifier: data_source {source!r} -> {spec.name!r} (the built-in task's)", flush=True
-            )
     run_dir.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, run_dir / "config.yaml")
     _link_latest(run_dir)

@@ -4,7 +4,9 @@ A plug-in is named by a registered name (``math``, ``exact``, ``numeric``, ``ari
 ``code``) or an import path ``package.module:ClassName``; its ``options`` are passed to its constructor as
 keyword arguments. Samples are routed by their ``data_source``: ``routes`` first, ``default`` otherwise.
 When the run uses a built-in synthetic task, its data_source is routed to the task's verifier unless
-``routes`` names it (``pipeline.data.tasks.verifier_config_for_run``). Example YAML::
+``routes`` names it (``pipeline.data.tasks.verifier_config_for_run``); a run on files routes verl's math
+data sources (``openai/gsm8k``, ``lighteval/MATH``, ...: ``pipeline.data.known_sources``) to ``math``
+the same way. Example YAML::
 
     verifier:
       replicas: 2

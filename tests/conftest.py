@@ -25,9 +25,19 @@ def ray_cluster():
             num_cpus=4,
             include_dashboard=True,
             dashboard_host="127.0.0.1",
-            dashboard_port=8299,
+            # several test sessions on one machine each need their own port
+            dashboard_port=int(os.environ.get("COVRL_TEST_DASHBOARD_PORT", "8299")),
             log_to_driver=False,
             namespace="covrl-tests",
         )
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def chat_model_path():
+    """The real-tokenizer fixture: a small Qwen2 with a locally trained byte-level BPE and a Qwen chat
+    template (``pipeline.data.chat_model``), built once into the covrl cache."""
+    from pipeline.data.chat_model import ensure_chat_model
+
+    return ensure_chat_model()

@@ -172,3 +172,12 @@ def chain_case(lengths, advantages, current, old):
         prompt_index=np.zeros(len(lengths), np.int64),
     )
     return model, batch
+
+
+def assert_logprobs_agree(metric_rows: list[dict], tol: float = 1e-3) -> None:
+    """At every step, vLLM's log-probs of the sampled tokens match the learner's recomputation (fp32).
+
+    From step 2 on the generator samples with weights pushed by the weight sync, so this is the check that
+    the sync delivered the learner's weights (a skipped sync gives differences of order 1)."""
+    for row in metric_rows:
+        assert row["mismatch/logprob_abs_max"] <= tol, (row["step"], row["mismatch/logprob_abs_max"])

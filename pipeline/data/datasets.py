@@ -1,8 +1,11 @@
 """Prompt datasets: JSONL/Parquet loading, column mapping, chat templates, length filter, resumable stream.
 
 What: ``load_split`` turns files (or the built-in synthetic task when ``data.train_files`` is empty) into
-rows ``{prompt, ground_truth, data_source, id, extra}`` with the prompt rendered to the text the generator sees
-(``extra``: the row's ``extra_info`` / ``extra`` dict, handed to its verifier as the sample's extras),
+rows ``{prompt, ground_truth, data_source, id, extra, templated}`` with the prompt rendered to the text the
+generator sees (``extra``: the row's ``extra_info`` / ``extra`` dict, handed to its verifier as the sample's
+extras; ``templated``: the text came from the chat template, so it is encoded without adding special
+tokens, as ``apply_chat_template(tokenize=True)`` does). verl's parquet files load as they are: ``prompt``
+as chat messages, ``reward_model.ground_truth``, ``data_source``, ``extra_info``;
 plus a ``LoadReport`` of what was read, skipped and filtered. ``PromptStream`` serves batches in a
 deterministic per-epoch order and resumes exactly from ``state_dict()``.
 
@@ -90,13 +93,13 @@ def load_split(
         report = LoadReport(split=split, source=f"{len(paths)} file(s)", files=[str(p) for p in paths])
         records = (rec for p in paths for rec in _read_file(p, cfg.format))
 
-    rows, templated = [], []
+    rows = []
     for path, row_no, rec in records:
         report.rows_read += 1
         try:
             if isinstance(rec, _BadRow):
                 raise rec
-            row, was_templated = _normalize(rec, cfg, tokenizer, default_id=f"{Path(path).stem}-{row_no}")
+            row = _normalize(rec, cfg, tokenizer, default_id=f"{Path(path).stem}-{row_no}")
         except _BadRow as bad:
             msg = f"{path}: row {row_no}: field '{bad.field_name}': {bad.problem}"
             if cfg.on_bad_row == "error":
@@ -109,9 +112,8 @@ def load_split(
                 report.bad_examples.append(msg)
             continue
         rows.append(row)
-        templated.append(was_templated)
 
-    rows = _filter_long(rows, templated, limit=cfg.max_prompt_tokens, tokenizer=tokenizer, report=report)
+    rows = _filter_long(rows, limit=cfg.max_prompt_tokens, tokenizer=tokenizer, report=report)
     report.loaded = len(rows)
     if not rows:
         raise DataError(
@@ -190,11 +192,16 @@ def get_field(rec: dict, dotted: str) -> Any:
     return cur
 
 
-def render_prompt(prompt: str | list[dict], tokenizer: Any, *, wrap_plain: bool = False) -> tuple[str, bool]:
+def render_prompt(
+    prompt: str | list[dict], tokenizer: Any, *, wrap_plain: bool = False, field_name: str = "prompt"
+) -> tuple[str, bool]:
     """(text the generator sees, whether a chat template produced it).
 
-    Messages use ``tokenizer.apply_chat_template`` (with the generation prompt) when the tokenizer has a
-    template, else their contents joined by newlines. Plain strings pass through unless ``wrap_plain``.
+    Messages use ``tokenizer.apply_chat_template(add_generation_prompt=True)``, as HF renders them. A
+    tokenizer without a template cannot render messages: ``DataError`` naming the model and the field
+    (``field_name``), since any made-up rendering would train on prompts the model was never given.
+    ``tokenizer=None`` (loading rows only to inspect them, never to generate) joins the contents by
+    newlines. Plain strings pass through unless ``wrap_plain`` and the tokenizer has a template.
     """
     has_template = tokenizer is not None and getattr(tokenizer, "chat_template", None)
     if isinstance(prompt, str):
@@ -203,10 +210,17 @@ def render_prompt(prompt: str | list[dict], tokenizer: Any, *, wrap_plain: bool 
         prompt = [{"role": "user", "content": prompt}]
     if has_template:
         return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True), True
+    if tokenizer is not None:
+        name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+        raise DataError(
+            f"data.prompt_key {field_name!r}: the prompts are chat messages but the model's tokenizer "
+            f"({name}) has no chat_template to render them; use a chat model (model.path), add a "
+            "chat_template to its tokenizer_config.json, or give plain-string prompts"
+        )
     return "\n".join(m["content"] for m in prompt), False
 
 
-def _normalize(rec: dict, cfg: DataConfig, tokenizer: Any, *, default_id: str) -> tuple[dict, bool]:
+def _normalize(rec: dict, cfg: DataConfig, tokenizer: Any, *, default_id: str) -> dict:
     prompt = get_field(rec, cfg.prompt_key)
     if prompt is _MISSING:
         raise _BadRow(cfg.prompt_key, f"missing (row keys: {sorted(rec)[:10]})")
@@ -223,15 +237,17 @@ def _normalize(rec: dict, cfg: DataConfig, tokenizer: Any, *, default_id: str) -
     elif not isinstance(source, str):
         raise _BadRow(cfg.data_source_key, f"expected a string, got {type(source).__name__}")
     rid = rec.get("id")
-    text, templated = render_prompt(prompt, tokenizer, wrap_plain=cfg.wrap_plain_prompts)
-    row = {
+    text, templated = render_prompt(
+        prompt, tokenizer, wrap_plain=cfg.wrap_plain_prompts, field_name=cfg.prompt_key
+    )
+    return {
         "prompt": text,
         "ground_truth": str(gt),
         "data_source": source,
         "id": str(rid) if isinstance(rid, str | int) and not isinstance(rid, bool) else default_id,
         "extra": _extras(rec),
+        "templated": templated,
     }
-    return row, templated
 
 
 def _extras(rec: dict) -> dict:
@@ -267,20 +283,27 @@ def _check_prompt(prompt: Any, key: str) -> None:
             raise _BadRow(f"{key}[{j}]", "each message must be {'role': str, 'content': str}")
 
 
-def _filter_long(
-    rows: list[dict], templated: list[bool], *, limit: int | None, tokenizer: Any, report: LoadReport
-) -> list[dict]:
-    """Drop prompts over ``limit`` tokens (batched tokenisation; templated text has its specials already)."""
-    if limit is None or tokenizer is None or not rows:
-        return rows
-    report.length_checked = True
-    flags = np.asarray(templated, dtype=bool)
-    lengths = np.zeros(len(rows), dtype=np.int64)
+def encode_rows(rows: list[dict], tokenizer: Any) -> list[list[int]]:
+    """Prompt token ids of ``rows``, as the generator gets them: plain prompts with the tokenizer's special
+    tokens (e.g. BOS, as in SFT), chat-templated ones without (the template wrote its own), exactly as HF's
+    ``apply_chat_template(tokenize=True)`` encodes them. Batched per kind."""
+    flags = np.asarray([bool(r.get("templated")) for r in rows], dtype=bool)
+    ids: list[list[int]] = [[] for _ in rows]
     for is_tpl in (False, True):
         idx = np.flatnonzero(flags == is_tpl)
         if idx.size:
             enc = tokenizer([rows[i]["prompt"] for i in idx], add_special_tokens=not is_tpl)["input_ids"]
-            lengths[idx] = [len(e) for e in enc]
+            for i, e in zip(idx, enc, strict=True):
+                ids[i] = list(e)
+    return ids
+
+
+def _filter_long(rows: list[dict], *, limit: int | None, tokenizer: Any, report: LoadReport) -> list[dict]:
+    """Drop prompts over ``limit`` tokens, counted as the generator will encode them."""
+    if limit is None or tokenizer is None or not rows:
+        return rows
+    report.length_checked = True
+    lengths = np.asarray([len(e) for e in encode_rows(rows, tokenizer)], dtype=np.int64)
     keep = lengths <= limit
     report.too_long = int((~keep).sum())
     return [rows[i] for i in np.flatnonzero(keep)]

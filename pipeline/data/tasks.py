@@ -7,7 +7,8 @@ config class in ``schemas/data_config.py`` and one ``TaskSpec`` entry here.
 
 Routing: when the synthetic task is in use (``data.train_files`` empty) its rows' ``data_source`` goes to
 the task's own verifier unless ``verifier.routes`` names that source (``verifier_config_for_run``), so
-selecting the task is enough to score it correctly.
+selecting the task is enough to score it correctly; with files, verl's math data sources go to ``math``
+(``pipeline.data.known_sources``).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from pipeline.data import addition, countdown
+from pipeline.data.known_sources import known_source_routes
 from schemas.data_config import DataConfig, SyntheticTaskConfig, TaskConfig
 from schemas.verifier_config import VerifierConfig, VerifierSpec
 
@@ -107,9 +109,14 @@ def task_routes(data: DataConfig) -> dict[str, VerifierSpec]:
     return {data.synthetic.data_source: VerifierSpec(name=spec.verifier)}
 
 
+def builtin_routes(data: DataConfig) -> dict[str, VerifierSpec]:
+    """The routes covrl adds by itself: the built-in task's (no train files) or verl's math sources (files)."""
+    return task_routes(data) | known_source_routes(data)
+
+
 def verifier_config_for_run(verifier: VerifierConfig, data: DataConfig) -> VerifierConfig:
-    """``verifier`` with the built-in task's route added; a route the user wrote for the same source wins."""
-    routes = task_routes(data) | dict(verifier.routes)
+    """``verifier`` with the built-in routes added; a route the user wrote for the same source wins."""
+    routes = builtin_routes(data) | dict(verifier.routes)
     if routes == dict(verifier.routes):
         return verifier
     return VerifierConfig.model_validate(verifier.model_dump() | {"routes": routes})

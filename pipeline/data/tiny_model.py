@@ -16,22 +16,17 @@ atomically, with a lock file so concurrent processes build it once.
 from __future__ import annotations
 
 import copy
-import fcntl
-import hashlib
 import json
 import logging
-import os
-import shutil
 import sys
-import tempfile
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from pipeline.data.model_cache import ensure_built, settings_key
 from pipeline.data.tasks import task_spec
 from pipeline.data.tiny_eval import evaluate_pass_at_1, evaluate_pass_at_k, expected_pass_at_1
 from pipeline.data.tokenizer import build_char_tokenizer
@@ -46,19 +41,13 @@ PASS_K_PROMPTS = 256
 log = logging.getLogger("covrl.tiny_model")
 
 
-def cache_root() -> Path:
-    """``$COVRL_CACHE`` or ``~/.cache/covrl``."""
-    return Path(os.environ.get("COVRL_CACHE") or Path.home() / ".cache" / "covrl").expanduser()
-
-
 def cache_key(cfg: TinyModelConfig, task_cfg: TaskConfig) -> str:
     """Hash of everything that determines the built model (the wall-clock cap ``max_seconds`` does not).
 
     Differs per task (and per task setting), so models of different tasks coexist in the cache."""
     model = cfg.model_dump(exclude={"max_seconds"})
     identity = task_spec(task_cfg).cache_identity(task_cfg)
-    blob = json.dumps({"model": model, "task": identity, "code": CODE_VERSION}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return settings_key({"model": model, "task": identity, "code": CODE_VERSION})
 
 
 def ensure_tiny_model(cfg: TinyModelConfig, task: TaskConfig, *, progress: bool = True) -> Path:
@@ -67,36 +56,9 @@ def ensure_tiny_model(cfg: TinyModelConfig, task: TaskConfig, *, progress: bool 
     Safe under concurrency: the build holds ``<key>.lock`` and publishes by an atomic rename; a waiting
     process finds the finished directory after the lock is released.
     """
-    base = cache_root() / "tiny"
-    final = base / cache_key(cfg, task)
-    if (final / MARKER).is_file():
-        return final
-    base.mkdir(parents=True, exist_ok=True)
-    with _file_lock(base / f"{final.name}.lock"):
-        if (final / MARKER).is_file():
-            return final
-        if final.exists():  # a half-published dir cannot happen (rename), but a manual copy can
-            shutil.rmtree(final)
-        for stale in base.glob(f".{final.name}.tmp-*"):  # left by a killed build; we hold the lock
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp = Path(tempfile.mkdtemp(dir=base, prefix=f".{final.name}.tmp-"))
-        try:
-            build_tiny_model(cfg, task, tmp, progress=progress)
-            os.rename(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-    return final
-
-
-@contextmanager
-def _file_lock(path: Path):
-    with open(path, "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    return ensure_built(
+        "tiny", cache_key(cfg, task), MARKER, lambda tmp: build_tiny_model(cfg, task, tmp, progress=progress)
+    )
 
 
 def build_tiny_model(

@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.data.datasets import encode_rows
 from schemas.batches import PromptBatch, Ragged
 
 
@@ -22,11 +23,7 @@ class DataSource:
 
 def encode_prompts(rows: list[dict[str, Any]], tokenizer: Any, step: int) -> PromptBatch:
     texts = [r["prompt"] for r in rows]
-    # Plain prompts get the tokenizer's special tokens (e.g. BOS, as in SFT); chat-templated text already
-    # carries them, so they are not added twice.
-    bos = getattr(tokenizer, "bos_token", None)
-    templated = bool(bos) and texts[0].startswith(bos)
-    ids = tokenizer(texts, add_special_tokens=not templated)["input_ids"]
+    ids = encode_rows(rows, tokenizer)
     return PromptBatch(
         step=step,
         prompt_ids=np.asarray([int(r["index"]) for r in rows], dtype=np.int64),

@@ -53,9 +53,30 @@ def test_jsonl_common_columns(tmp_path):
     )
     rows, rep = load_split(DataConfig(train_files=[f]), "train")
     assert rows == [
-        {"prompt": "1+2=", "ground_truth": "3", "data_source": "arithmetic", "id": "x", "extra": {}},
-        {"prompt": "2+2=", "ground_truth": "4", "data_source": "unknown", "id": "a-3", "extra": {}},
-        {"prompt": "3+3=", "ground_truth": "6", "data_source": "unknown", "id": "a-4", "extra": {}},
+        {
+            "prompt": "1+2=",
+            "ground_truth": "3",
+            "data_source": "arithmetic",
+            "id": "x",
+            "extra": {},
+            "templated": False,
+        },
+        {
+            "prompt": "2+2=",
+            "ground_truth": "4",
+            "data_source": "unknown",
+            "id": "a-3",
+            "extra": {},
+            "templated": False,
+        },
+        {
+            "prompt": "3+3=",
+            "ground_truth": "6",
+            "data_source": "unknown",
+            "id": "a-4",
+            "extra": {},
+            "templated": False,
+        },
     ]
     assert (rep.rows_read, rep.loaded, rep.bad_rows, rep.too_long) == (3, 3, 0, 0)
     eval_rows, eval_rep = load_split(DataConfig(train_files=[f]), "eval")
@@ -98,6 +119,44 @@ def test_chat_prompts_with_and_without_template(tmp_path):
     rows, _ = load_split(DataConfig(train_files=[f]), "train", tokenizer=None)
     assert rows[0]["prompt"] == "be brief\n1+1="
     assert render_prompt("x", None) == ("x", False)
+
+
+def test_chat_prompts_need_a_chat_template(tmp_path, char_tok):
+    """Messages given to a model whose tokenizer has no template: refused at load, naming the model and the
+    field, even with on_bad_row='skip' (it is the model that is wrong, not a row)."""
+    msgs = [{"role": "user", "content": "1+1="}]
+    f = _jsonl(tmp_path / "c.jsonl", [{"question": msgs, "ground_truth": "2"}])
+    char_tok.name_or_path = "/models/char-tiny"
+    for on_bad_row in ("error", "skip"):
+        cfg = DataConfig(train_files=[f], prompt_key="question", on_bad_row=on_bad_row)
+        with pytest.raises(
+            DataError, match=r"data.prompt_key 'question'.*\(/models/char-tiny\) has no chat_template"
+        ):
+            load_split(cfg, "train", tokenizer=char_tok)
+    plain = _jsonl(tmp_path / "p.jsonl", [{"prompt": "1+1=", "ground_truth": "2"}])
+    rows, _ = load_split(DataConfig(train_files=[plain]), "train", tokenizer=char_tok)
+    assert rows[0]["prompt"] == "1+1=" and rows[0]["templated"] is False
+
+
+def test_prompt_ids_are_what_hf_encodes(tmp_path):
+    """A tokenizer whose encoding adds BOS and whose template writes it too (Llama-3 style): chat prompts are
+    encoded as ``apply_chat_template(tokenize=True)`` encodes them (one BOS), plain prompts with the BOS the
+    tokenizer adds; both kinds in one batch."""
+    from pipeline.data.datasets import encode_rows
+
+    tok = build_char_tokenizer(task.SYMBOLS, max_length=64)
+    tok.chat_template = "{{ bos_token }}{% for m in messages %}{{ m['content'] }};{% endfor %}"
+    msgs = [{"role": "user", "content": "12+3="}]
+    f = _jsonl(
+        tmp_path / "c.jsonl",
+        [{"prompt": msgs, "ground_truth": "15"}, {"prompt": "1+2=", "ground_truth": "3"}],
+    )
+    rows, _ = load_split(DataConfig(train_files=[f]), "train", tokenizer=tok)
+    want_chat = tok.apply_chat_template(msgs, tokenize=True, add_generation_prompt=True, return_dict=False)
+    assert [r["templated"] for r in rows] == [True, False]
+    got = encode_rows(rows, tok)
+    assert got[0] == list(want_chat) and got[0].count(tok.bos_token_id) == 1
+    assert got[1] == tok("1+2=")["input_ids"] and got[1][0] == tok.bos_token_id
 
 
 @pytest.mark.parametrize(
@@ -309,3 +368,88 @@ def test_stream_resume_equivalence_property(n_rows, sizes, cut, seed):
     resumed = PromptStream(_rows(n_rows), seed=seed)
     resumed.load_state_dict(first.state_dict())
     assert part1 + _ids([resumed.next_batch(k) for k in sizes[cut:]]) == ref
+
+
+def test_verl_parquet_loads_as_is_and_routes_by_data_source(tmp_path):
+    """A parquet file in verl's columns (prompt as chat messages, reward_model struct, extra_info struct,
+    ability) loads unchanged; its math source goes to math-verify without any route in the config, a
+    source the config routes goes where the config says, and extra_info reaches the verifier (the routed
+    plug-in scores from extra_info alone)."""
+    from actors.verifier import VerifierWorker
+    from pipeline.data.chat_model import make_verl_rows
+    from pipeline.data.tasks import verifier_config_for_run
+    from pipeline.driver.rollout import encode_prompts
+    from schemas.verifier_config import VerifierConfig, VerifierSpec
+
+    own_row = {
+        "data_source": "my_source",
+        "prompt": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "name a colour"}],
+        "ability": "other",
+        "reward_model": {"style": "rule", "ground_truth": "-"},
+        "extra_info": {"split": "train", "index": 9, "answer": "teal"},
+    }
+    verl = [*make_verl_rows(3), own_row]
+    pq.write_table(pa.Table.from_pylist(verl), tmp_path / "train.parquet")
+    tok = build_char_tokenizer(task.SYMBOLS, max_length=512)
+    tok.chat_template = "{% for m in messages %}{{ m['role'] }}:{{ m['content'] }};{% endfor %}assistant:"
+    data = DataConfig(train_files=[str(tmp_path / "train.parquet")], max_prompt_tokens=None)
+    rows, rep = load_split(data, "train", tokenizer=tok)
+    assert (rep.loaded, rep.bad_rows) == (4, 0)
+    assert [r["ground_truth"] for r in rows] == [r["reward_model"]["ground_truth"] for r in verl]
+    assert [r["data_source"] for r in rows] == ["lighteval/MATH"] * 3 + ["my_source"]
+    assert rows[0]["prompt"] == f"user:{verl[0]['prompt'][0]['content']};assistant:" and rows[0]["templated"]
+    assert rows[3]["prompt"] == "system:be brief;user:name a colour;assistant:"
+    # parquet unifies the struct: keys a row lacks come back as None, the row's own keys as written
+    assert {k: v for k, v in rows[3]["extra"].items() if v is not None} == own_row["extra_info"]
+    assert rows[0]["extra"]["question"] == verl[0]["extra_info"]["question"]
+
+    plugin = VerifierSpec(name="tests.extras_verifier:AnswerInExtras")
+    config = verifier_config_for_run(
+        VerifierConfig(default=VerifierSpec(name="exact"), routes={"my_source": plugin}), data
+    )
+    assert config.routes["lighteval/MATH"].name == "math"
+    batch = encode_prompts([dict(r, index=i) for i, r in enumerate(rows)], tok, step=1)
+    answers = [f"The answer is \\boxed{{{r['ground_truth']}}}." for r in rows[:3]]
+    responses = [answers[0], "so it is $\\frac{2}{4}$", answers[2], "teal"]
+    worker = VerifierWorker(config)
+    try:
+        scores, reasons, stats = worker.score(
+            batch.texts, responses, batch.ground_truths, batch.data_sources, batch.extras
+        )
+    finally:
+        worker.close()
+    assert scores.tolist() == [1.0, 0.0, 1.0, 1.0], reasons
+    assert stats["verifier/by_verifier/math/count"] == 3 and stats["verifier/my_source/count"] == 1
+
+
+def test_known_sources_route_only_file_runs_and_never_over_the_config():
+    from pipeline.data.known_sources import MATH_SOURCES
+    from pipeline.data.tasks import verifier_config_for_run
+    from schemas.verifier_config import VerifierConfig, VerifierSpec
+
+    files = DataConfig(train_files=["x.parquet"])
+    mine = VerifierConfig(routes={"openai/gsm8k": VerifierSpec(name="numeric")})
+    routes = verifier_config_for_run(mine, files).routes
+    assert routes["openai/gsm8k"].name == "numeric"
+    assert all(routes[s].name == "math" for s in MATH_SOURCES if s != "openai/gsm8k")
+    synthetic = verifier_config_for_run(VerifierConfig(), DataConfig()).routes
+    assert not set(MATH_SOURCES) & set(synthetic)
+
+
+def test_start_prints_each_sources_verifier_and_why(capsys):
+    from pipeline.train import print_routes
+    from schemas.run_config import RunConfig
+
+    cfg = RunConfig.model_validate(
+        {
+            "data": {"train_files": ["x.parquet"]},
+            "verifier": {"default": {"name": "exact"}, "routes": {"openai/gsm8k": {"name": "numeric"}}},
+        }
+    )
+    rows = [{"data_source": s} for s in ("lighteval/MATH", "lighteval/MATH", "openai/gsm8k", "mine")]
+    print_routes(cfg, rows)
+    assert capsys.readouterr().out.splitlines() == [
+        "[covrl] verifier: data_source 'lighteval/MATH' (2 train rows) -> 'math' (built in)",
+        "[covrl] verifier: data_source 'mine' (1 train rows) -> 'exact' (verifier.default)",
+        "[covrl] verifier: data_source 'openai/gsm8k' (1 train rows) -> 'numeric' (verifier.routes)",
+    ]
