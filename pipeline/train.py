@@ -111,6 +111,7 @@ class Prepared:
 
 def prepare(args: argparse.Namespace) -> Prepared:
     """Everything that can fail on bad input, before Ray or any actor starts."""
+    from actors.metrics import check_wandb
     from pipeline.core.losses import get_policy_loss
     from pipeline.data.datasets import PromptStream, load_split
     from pipeline.data.tasks import verifier_config_for_run
@@ -132,6 +133,10 @@ def prepare(args: argparse.Namespace) -> Prepared:
         cfg = load_config(args.config, args.set)
         run_dir = new_run_dir(cfg)
     check_task(cfg)
+    try:
+        check_wandb(cfg.metrics.wandb)
+    except ValueError as err:
+        raise InputError(str(err)) from None
     try:
         check_verifiers(verifier_config_for_run(cfg.verifier, cfg.data))  # the task's route included
     except VerifierLoadError as err:

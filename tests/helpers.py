@@ -172,3 +172,22 @@ def chain_case(lengths, advantages, current, old):
         prompt_index=np.zeros(len(lengths), np.int64),
     )
     return model, batch
+
+
+def wandb_records(run_root: Any) -> list[dict[str, Any]]:
+    """Every record of the one offline W&B run under ``run_root/wandb/``, read with wandb's own reader
+    (``wandb leet inspect --json``), as dicts with a ``type`` ('run', 'history', ...)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    (wandb_file,) = (Path(run_root) / "wandb").glob("offline-run-*/run-*.wandb")
+    out = subprocess.run(
+        [sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(wandb_file)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout
+    return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
