@@ -49,3 +49,23 @@ def test_enabled_wandb_that_cannot_be_imported_is_a_config_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", None)  # how Python reports a package that is not there
     with pytest.raises(ValueError, match=r"metrics.wandb.enabled: the wandb package cannot be imported"):
         check_wandb(WandbConfig(enabled=True))
+
+
+def test_cli_refuses_enabled_wandb_without_the_package_before_ray_starts():
+    """The real CLI in a fresh process where wandb cannot be imported: exit 2 naming the field, no Ray."""
+    import subprocess
+    from pathlib import Path
+
+    code = (
+        "import sys; sys.modules['wandb'] = None; import ray; from pipeline.train import main; "
+        "rc = main(sys.argv[1:]); sys.exit(rc + (100 if ray.is_initialized() else 0))"
+    )
+    res = subprocess.run(
+        [sys.executable, "-c", code, "--set", "metrics.wandb.enabled=true"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert "metrics.wandb.enabled: the wandb package cannot be imported" in res.stderr, res.stderr[-2000:]
