@@ -116,6 +116,7 @@ def prepare(args: argparse.Namespace) -> Prepared:
     from pipeline.data.datasets import PromptStream, load_split
     from pipeline.data.tasks import verifier_config_for_run
     from pipeline.data.verifiers.base import VerifierLoadError, check_verifiers
+    from pipeline.data.verifiers.functions import check_columns
     from pipeline.driver import checkpoint as ckpt
 
     resume_state = None
@@ -160,6 +161,11 @@ def prepare(args: argparse.Namespace) -> Prepared:
     print(f"[covrl] train data: {train_report.summary()}", flush=True)
     if eval_report is not None:
         print(f"[covrl] eval data: {eval_report.summary()}", flush=True)
+    try:
+        check_columns(verifier_config_for_run(cfg.verifier, cfg.data), train_rows, "train")
+        check_columns(verifier_config_for_run(cfg.verifier, cfg.data), eval_rows, "eval")
+    except VerifierLoadError as err:
+        raise InputError(str(err)) from None
     stream = PromptStream.from_config(train_rows, cfg.data)
     if resume_state is not None:
         stream.load_state_dict(resume_state[1].data_state)

@@ -209,3 +209,24 @@ def test_info_metrics_are_means_over_the_samples_that_report_them_and_merge_by_c
     merged = merge_stats([a, b])
     assert merged["verifier/info/acc/mean"] == pytest.approx(2 / 3)
     assert merged["verifier/info/acc/count"] == 3.0 and merged["verifier/s/info/acc/mean"] == 1.0
+
+
+def test_a_column_a_trl_function_requires_is_checked_against_the_rows_at_load():
+    from pipeline.data.verifiers.functions import check_columns
+
+    config = VerifierConfig(
+        default=VerifierSpec(name=f"{HERE}:verl_plain"), routes={"qa": VerifierSpec(name=f"{HERE}:trl_named")}
+    )
+    rows = [
+        {"data_source": "qa", "extra": {"solution": "x"}},
+        {"data_source": "other", "extra": {}},  # routed to the verl function: needs no column
+    ]
+    check_columns(config, rows, "train")
+    rows.append({"data_source": "qa", "extra": {"answer": "x"}})
+    with pytest.raises(VerifierLoadError) as err:
+        check_columns(config, rows, "train")
+    assert str(err.value) == (
+        f"verifier.routes.qa: reward function '{HERE}:trl_named' needs the column(s) ['solution'], but train "
+        "row 2 (data_source 'qa') has extras ['answer']; add them to the rows' extra_info, or give those "
+        "arguments a default"
+    )

@@ -22,10 +22,18 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
-from pipeline.data.verifiers.base import InfoScore, Score, VerifierLoadError
+from pipeline.data.verifiers.base import (
+    DEFAULT_ROUTE,
+    InfoScore,
+    Score,
+    VerifierLoadError,
+    resolve_verifier_class,
+    route_key,
+)
+from schemas.verifier_config import VerifierConfig
 
 VERL, TRL = "verl", "trl"
 ACCEPTED_SHAPES = (
@@ -111,6 +119,10 @@ class RewardFunction:
         self._any_keyword = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values())
         self.label = f"reward function {path!r}"
 
+    def missing_columns(self, columns: Iterable[str]) -> list[str]:
+        """Arguments without a default that neither the samples' columns nor the options provide."""
+        return sorted(self._required - set(_TRL_COLUMNS) - set(columns)) if self.shape == TRL else []
+
     def score(
         self,
         prompts: Sequence[str],
@@ -155,7 +167,7 @@ class RewardFunction:
         }
         for key in sorted({k for e in extras for k in e} - set(columns)):
             columns[key] = [e.get(key) for e in extras]
-        missing = sorted(self._required - set(columns))
+        missing = self.missing_columns(columns)
         if missing:
             raise ValueError(
                 f"{self.label} needs the column(s) {missing}; these samples have {sorted(columns)} "
@@ -177,6 +189,30 @@ class RewardFunction:
             else Score(_number(v, self.label))
             for v in values
         ]
+
+
+def check_columns(config: VerifierConfig, rows: Sequence[Mapping[str, Any]], split: str) -> None:
+    """Before Ray starts: every row routed to a TRL-style function has the columns it names without a
+    default (a row's extras keys), so a missing column is a config-load error, not a per-sample one."""
+    named = {DEFAULT_ROUTE: ("verifier.default", config.default)}
+    named |= {source: (f"verifier.routes.{source}", spec) for source, spec in config.routes.items()}
+    plugins = {}
+    for key, (where, spec) in named.items():
+        factory = resolve_verifier_class(spec.name)
+        if getattr(factory, "func", None) is RewardFunction:
+            plugins[key] = (where, factory(spec.options))
+    for i, row in enumerate(rows if plugins else ()):
+        key = route_key(row["data_source"], config.routes)
+        if key not in plugins:
+            continue
+        where, plugin = plugins[key]
+        missing = plugin.missing_columns(row.get("extra") or {})
+        if missing:
+            raise VerifierLoadError(
+                f"{where}: {plugin.label} needs the column(s) {missing}, but {split} row {i} "
+                f"(data_source {row['data_source']!r}) has extras {sorted(row.get('extra') or {})}; "
+                "add them to the rows' extra_info, or give those arguments a default"
+            )
 
 
 def _is_number(value: Any) -> bool:
