@@ -166,6 +166,10 @@ def test_trl_adapter_passes_columns_as_lists_and_none_fails_the_sample():
             "unit": ["m", None, "s"],
         }
     ]
+    # An option of the same name as an extras column wins (it is the run's setting).
+    with_option = load_verifier({"name": f"{HERE}:trl_kwargs", "options": {"unit": "km"}})
+    with_option.score(["p"], ["7"], ["7"], [{"unit": "m"}])
+    assert CALLS[-1]["unit"] == "km"
     # Without **kwargs only the named columns are passed; a missing one is named with what there is.
     named = load_verifier(f"{HERE}:trl_named")
     assert named.score(["p"], ["x"], ["t"], [{"solution": "x"}]) == [Score(1.0)]

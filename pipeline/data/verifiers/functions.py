@@ -174,7 +174,7 @@ class RewardFunction:
                 "(a row's extra_info / extra keys become columns)"
             )
         kwargs = columns if self._any_keyword else {k: v for k, v in columns.items() if k in self._named}
-        out = self.fn(**kwargs, **self.options)
+        out = self.fn(**(kwargs | self.options))  # an option wins over an extras column of its name
         try:
             values = None if isinstance(out, str | bytes | Mapping) else list(out)
         except TypeError:
