@@ -2,7 +2,8 @@
 
 It merges the records of a step (tagged with role, replica and node), derives the live
 entropy-performance law and the collapse/surge alerts, and writes ``metrics.jsonl`` (one line per
-step, stable metric names) plus TensorBoard events. Holds no model and no accelerator.
+step, stable metric names) plus TensorBoard events and, when ``metrics.wandb.enabled``, a Weights &
+Biases run. Holds no model and no accelerator.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from actors._runtime import where
 from schemas.batches import MetricsRecord
 
 if TYPE_CHECKING:
-    from schemas.run_config import MetricsConfig
+    from schemas.run_config import MetricsConfig, WandbConfig
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -49,6 +50,7 @@ class Metrics:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(str(self.run_dir / "tensorboard"))
+        self.wandb = _start_wandb(cfg.wandb, self.run_dir) if cfg.wandb.enabled else None
 
     def info(self) -> dict[str, object]:
         return where("metrics", 0)
@@ -77,11 +79,17 @@ class Metrics:
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
         self.history.append(row)
+        scalars = {
+            k: v
+            for k, v in row.items()
+            if isinstance(v, int | float) and k not in ("step", "time") and math.isfinite(v)
+        }
         if self.tb is not None:
-            for k, v in row.items():
-                if isinstance(v, int | float) and k not in ("step", "time") and math.isfinite(v):
-                    self.tb.add_scalar(k, v, step)
+            for k, v in scalars.items():
+                self.tb.add_scalar(k, v, step)
             self.tb.flush()
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=step)
         return row
 
     def _derive(self, row: dict[str, Any]) -> list[str]:
@@ -124,6 +132,49 @@ class Metrics:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+        if self.wandb is not None:
+            import wandb
+
+            self.wandb.finish()
+            # finish() returns once the exit record is handed over, not once the run file is written;
+            # the actor outlives it (Ray may kill it next), so wait for wandb's service to shut down.
+            wandb.teardown()
+            self.wandb = None
+
+
+def check_wandb(cfg: WandbConfig) -> None:
+    """Config-time check (before Ray starts): an enabled W&B sink needs the wandb package."""
+    if not cfg.enabled:
+        return
+    try:
+        import wandb  # noqa: F401
+    except ImportError as err:
+        raise ValueError(
+            f"metrics.wandb.enabled: the wandb package cannot be imported ({err}); install the extra "
+            "(pip install 'covrl[wandb]') or set metrics.wandb.enabled=false"
+        ) from None
+
+
+def _start_wandb(cfg: WandbConfig, run_dir: Path) -> Any:
+    """One W&B run per metrics actor, its config the run's resolved config.yaml. A resumed or restarted
+    run starts a new W&B run of the same name (W&B refuses steps below a run's last one)."""
+    import wandb
+    import yaml
+
+    config_file = run_dir / "config.yaml"
+    config = yaml.safe_load(config_file.read_text()) if config_file.is_file() else None
+    wandb_dir = Path(cfg.dir) if cfg.dir else run_dir
+    wandb_dir.mkdir(parents=True, exist_ok=True)
+    # The actor's own stdout and the node's hardware are not the run's metrics: not captured or sampled.
+    settings = wandb.Settings(silent=True, console="off", x_disable_stats=True, disable_git=True)
+    return wandb.init(
+        project=cfg.project,
+        name=cfg.name or run_dir.name,
+        mode=cfg.mode,
+        dir=str(wandb_dir),
+        config=config,
+        settings=settings,
+    )
 
 
 def _truncate_after(path: Path, step: int | None) -> list[dict[str, Any]]:

@@ -46,10 +46,14 @@ class VerifierWorker:
             raise ValueError(f"score: {len(data_sources)} data_sources for {len(responses)} responses")
         start, restarts = time.perf_counter(), self._scorer.restarts
         keys = [route_key(s, self.config.routes) for s in data_sources]
-        outcomes = self._scorer.score(keys, prompts, responses, ground_truths, extras)
+        outcomes = self._scorer.score(keys, prompts, responses, ground_truths, extras, data_sources)
         scores = np.asarray([o.score for o in outcomes], dtype=np.float32)
         stats = summarize(
-            scores.tolist(), [o.kind for o in outcomes], data_sources, [self._names[k] for k in keys]
+            scores.tolist(),
+            [o.kind for o in outcomes],
+            data_sources,
+            [self._names[k] for k in keys],
+            [o.info for o in outcomes],
         )
         stats["verifier/worker_restarts"] = float(self._scorer.restarts - restarts)
         stats["verifier/time_s"] = time.perf_counter() - start

@@ -111,10 +111,12 @@ class Prepared:
 
 def prepare(args: argparse.Namespace) -> Prepared:
     """Everything that can fail on bad input, before Ray or any actor starts."""
+    from actors.metrics import check_wandb
     from pipeline.core.losses import get_policy_loss
     from pipeline.data.datasets import PromptStream, load_split
     from pipeline.data.tasks import verifier_config_for_run
     from pipeline.data.verifiers.base import VerifierLoadError, check_verifiers
+    from pipeline.data.verifiers.functions import check_columns
     from pipeline.driver import checkpoint as ckpt
 
     resume_state = None
@@ -132,6 +134,10 @@ def prepare(args: argparse.Namespace) -> Prepared:
         cfg = load_config(args.config, args.set)
         run_dir = new_run_dir(cfg)
     check_task(cfg)
+    try:
+        check_wandb(cfg.metrics.wandb)
+    except ValueError as err:
+        raise InputError(str(err)) from None
     try:
         check_verifiers(verifier_config_for_run(cfg.verifier, cfg.data))  # the task's route included
     except VerifierLoadError as err:
@@ -156,6 +162,11 @@ def prepare(args: argparse.Namespace) -> Prepared:
     if eval_report is not None:
         print(f"[covrl] eval data: {eval_report.summary()}", flush=True)
     print_routes(cfg, train_rows)
+    try:
+        check_columns(verifier_config_for_run(cfg.verifier, cfg.data), train_rows, "train")
+        check_columns(verifier_config_for_run(cfg.verifier, cfg.data), eval_rows, "eval")
+    except VerifierLoadError as err:
+        raise InputError(str(err)) from None
     stream = PromptStream.from_config(train_rows, cfg.data)
     if resume_state is not None:
         stream.load_state_dict(resume_state[1].data_state)

@@ -213,9 +213,27 @@ class LearnerConfig(Strict):
         return self
 
 
+class WandbConfig(Strict):
+    """Weights & Biases as a third metrics sink (beside metrics.jsonl and TensorBoard); needs the optional
+    ``wandb`` extra (``pip install 'covrl[wandb]'``)."""
+
+    enabled: bool = Field(False, description="Log every step's metrics to a W&B run.")
+    project: str = Field("covrl", min_length=1, description="W&B project.")
+    name: str | None = Field(None, description="W&B run name; None = the run directory's name.")
+    mode: Literal["offline", "online"] = Field(
+        "offline",
+        description="'offline' writes the W&B run under dir with no network (upload later with `wandb sync`); "
+        "'online' streams it (needs a W&B login on the metrics actor's node).",
+    )
+    dir: str | None = Field(
+        None, description="Where W&B writes its 'wandb/' folder; None = the run directory."
+    )
+
+
 class MetricsConfig(Strict):
     resources: Resources = Resources(num_cpus=0.0)
     tensorboard: bool = True
+    wandb: WandbConfig = WandbConfig()
     collapse_fraction: float = Field(
         0.3, gt=0, lt=1, description="Warn when entropy < this fraction of its initial value."
     )

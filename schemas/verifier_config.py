@@ -2,7 +2,8 @@
 
 A plug-in is named by a registered name (``math``, ``exact``, ``numeric``, ``arithmetic``, ``countdown``,
 ``code``) or an import path ``package.module:ClassName``; its ``options`` are passed to its constructor as
-keyword arguments. Samples are routed by their ``data_source``: ``routes`` first, ``default`` otherwise.
+keyword arguments. An import path may also name a verl-style ``compute_score`` or a TRL-style reward
+function (``pipeline.data.verifiers.functions``); its options are then extra keyword arguments of each call. Samples are routed by their ``data_source``: ``routes`` first, ``default`` otherwise.
 When the run uses a built-in synthetic task, its data_source is routed to the task's verifier unless
 ``routes`` names it (``pipeline.data.tasks.verifier_config_for_run``); a run on files routes verl's math
 data sources (``openai/gsm8k``, ``lighteval/MATH``, ...: ``pipeline.data.known_sources``) to ``math``
@@ -33,10 +34,12 @@ class VerifierSpec(Strict):
     name: str = Field(
         ...,
         min_length=1,
-        description="Registered verifier name (e.g. 'math') or import path 'package.module:ClassName'.",
+        description="Registered verifier name (e.g. 'math') or import path 'package.module:ClassName' (or "
+        "'package.module:function' for a verl- or TRL-style reward function).",
     )
     options: dict[str, Any] = Field(
-        default_factory=dict, description="Keyword arguments for the verifier's constructor."
+        default_factory=dict,
+        description="Keyword arguments for the verifier's constructor (a reward function's calls).",
     )
 
 

@@ -181,3 +181,22 @@ def assert_logprobs_agree(metric_rows: list[dict], tol: float = 1e-3) -> None:
     the sync delivered the learner's weights (a skipped sync gives differences of order 1)."""
     for row in metric_rows:
         assert row["mismatch/logprob_abs_max"] <= tol, (row["step"], row["mismatch/logprob_abs_max"])
+
+
+def wandb_records(run_root: Any) -> list[dict[str, Any]]:
+    """Every record of the one offline W&B run under ``run_root/wandb/``, read with wandb's own reader
+    (``wandb leet inspect --json``), as dicts with a ``type`` ('run', 'history', ...)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    (wandb_file,) = (Path(run_root) / "wandb").glob("offline-run-*/run-*.wandb")
+    out = subprocess.run(
+        [sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(wandb_file)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout
+    return [json.loads(line) for line in out.splitlines() if line.startswith("{")]

@@ -46,6 +46,11 @@ def test_cli_exits_nonzero_before_starting_anything(tmp_path):
             "verifier.routes={gsm: {name: numeric, options: {tolerance: 1}}}",
             "verifier.routes.gsm: verifier 'numeric': options ['tolerance'] do not fit NumericVerifier",
         ),
+        (  # a function of neither reward-function shape: refused at load, with the shapes listed
+            "verifier.routes={gsm: {name: 'os.path:join'}}",
+            "verifier.routes.gsm: verifier 'os.path:join': join(a, *p) takes neither 'solution_str' (verl) "
+            "nor 'completions' (TRL) as a keyword argument. Accepted plug-in shapes:",
+        ),
     ],
 )
 def test_unknown_verifier_fails_before_ray_starts(override, needle):

@@ -6,6 +6,7 @@ inside the spawned worker process; it misbehaves according to the response text.
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import sys
@@ -30,6 +31,20 @@ from schemas.verifier_config import FormatRewardSpec, VerifierConfig, VerifierSp
 HERE = __name__
 
 
+def _misbehave(response: str) -> None:
+    """What a hostile plug-in does when the response asks: raise, hang, or kill its process."""
+    if response == "raise":
+        raise ValueError("plug-in bug")
+    if response == "hang":
+        time.sleep(60)
+    if response == "exit":
+        os._exit(3)
+    if response == "segv":
+        os.kill(os.getpid(), signal.SIGSEGV)
+    if response == "sysexit":
+        sys.exit(2)
+
+
 class Hostile:
     """Scores 1 when response == ground truth, unless the response asks it to misbehave."""
 
@@ -39,16 +54,7 @@ class Hostile:
 
     def score(self, prompts, responses, ground_truths, extras):
         (response,) = responses
-        if response == "raise":
-            raise ValueError("plug-in bug")
-        if response == "hang":
-            time.sleep(60)
-        if response == "exit":
-            os._exit(3)
-        if response == "segv":
-            os.kill(os.getpid(), signal.SIGSEGV)
-        if response == "sysexit":
-            sys.exit(2)
+        _misbehave(response)
         if response == "basexc":
             from math_verify.errors import TimeoutException
 
@@ -61,6 +67,19 @@ class Hostile:
         if response == "huge":
             return [1e39]  # a finite Python float, but inf as float32 (the actor's score dtype)
         return [Score(float(response == ground_truths[0]), None if response == ground_truths[0] else "wrong")]
+
+
+def hostile_compute_score(data_source, solution_str, ground_truth, extra_info=None):
+    """verl-style twin of ``Hostile``."""
+    _misbehave(solution_str)
+    return math.nan if solution_str == "nan" else float(solution_str == ground_truth)
+
+
+def hostile_reward_func(prompts, completions, ground_truth, **kwargs):
+    """TRL-style twin of ``Hostile``."""
+    for completion in completions:
+        _misbehave(completion)
+    return [math.nan if c == "nan" else float(c == g) for c, g in zip(completions, ground_truth)]
 
 
 def _score(name: str, responses: list[str], truths: list[str], **options) -> list[Score]:
@@ -287,6 +306,29 @@ def test_isolation_contains_raise_hang_and_crash():
     assert scorer.restarts == 3 and pids[0] != pid0 and not psutil.pid_exists(pid0)
     assert elapsed < 30, "one hang costs one timeout, not the batch"
     assert not any(psutil.pid_exists(p) for p in pids), "close() leaves no worker behind"
+
+
+def test_isolation_contains_reward_functions_of_both_shapes():
+    """verl- and TRL-style functions run in the same worker processes as class plug-ins: a raise, hang,
+    crash or NaN scores that sample 0 with the reason; the other samples are scored."""
+    specs = {
+        "verl": VerifierSpec(name=f"{HERE}:hostile_compute_score"),
+        "trl": VerifierSpec(name=f"{HERE}:hostile_reward_func"),
+    }
+    scorer = IsolatedScorer(specs, timeout_s=1.0)
+    responses = ["a", "raise", "hang", "exit", "nan", "b"]
+    try:
+        out = {
+            key: scorer.score([key] * 6, [""] * 6, responses, list("axxxxb"), None, ["src"] * 6)
+            for key in specs
+        }
+    finally:
+        scorer.close()
+    for key, got in out.items():
+        assert [o.score for o in got] == [1, 0, 0, 0, 0, 1], key
+        assert [o.kind for o in got] == [OK, ERROR, TIMEOUT, CRASH, ERROR, OK], key
+        assert "ValueError: plug-in bug" in got[1].reason and "non-finite" in got[4].reason, key
+    assert scorer.restarts == 4
 
 
 def test_a_slow_first_import_does_not_count_against_the_sample(tmp_path, monkeypatch):

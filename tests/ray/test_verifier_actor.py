@@ -104,3 +104,30 @@ def test_pool_survives_a_killed_actor(ray_cluster):
         [psutil.Process(p) for p in worker_pids if psutil.pid_exists(p)], timeout=10
     )
     assert alive == []
+
+
+def test_reward_functions_of_both_shapes_through_an_actor(ray_cluster):
+    """The example verl and TRL functions behind a real verifier actor: routed by data source, row extras
+    reaching them (verl's ``extra_info``, TRL's columns), the verl dict's other keys as metrics, a TRL
+    ``None`` and a raising call each costing only their sample."""
+    config = VerifierConfig(
+        default=VerifierSpec(name="examples.reward_functions.verl_score:compute_score"),
+        routes={"chat": VerifierSpec(name="examples.reward_functions.trl_reward:last_line_matches")},
+        timeout_s=5.0,
+    )
+    actor = ray_cluster.remote(num_cpus=0.5, max_restarts=0)(VerifierWorker).remote(config)
+    responses = ["so 12", "no number", "so 3", "so 4", "hi\n7", "7", "far too long\n7"]
+    truths = ["12", "5", "5", "not a number", "7", "8", "7"]
+    sources = ["gsm8k"] * 4 + ["chat"] * 3
+    extras = [{}, {}, {"partial_credit": 0.25}, {}, {}, {"max_chars": 20}, {"max_chars": 5}]
+    scores, reasons, stats = ray_cluster.get(actor.score.remote([""] * 7, responses, truths, sources, extras))
+    ray_cluster.kill(actor)
+    np.testing.assert_array_equal(scores, np.float32([1, 0, 0.25, 0, 1, 0, 0]))
+    assert "ValueError" in reasons[3] and "not a number" in reasons[3]
+    assert "returned None for this sample" in reasons[6]
+    assert [r is None for r in reasons] == [True, True, True, False, True, True, False]
+    assert stats["verifier/gsm8k/errors"] == 1 and stats["verifier/chat/errors"] == 0
+    # acc over the three verl samples that returned a dict (the raising one reported nothing).
+    assert stats["verifier/gsm8k/info/acc/count"] == 3 and stats["verifier/gsm8k/info/acc/mean"] == 1 / 3
+    assert stats["verifier/gsm8k/info/answered/mean"] == 2 / 3
+    assert stats["verifier/by_verifier/examples.reward_functions.trl_reward.last_line_matches/count"] == 3

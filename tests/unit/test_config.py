@@ -40,6 +40,10 @@ def test_override_by_dotted_path_and_yaml_scalars():
         ("learner.mini_batches=5", "must be divisible by learner.mini_batches"),
         ("learner", "expected KEY=VALUE"),
         ("schedule.steps.x=1", "'schedule.steps' is a value, not a section"),
+        (
+            "metrics.wandb.mode=cloud",
+            "metrics.wandb.mode: Input should be 'offline' or 'online' (got 'cloud')",
+        ),
     ],
 )
 def test_errors_name_the_field(override, needle):

@@ -1,10 +1,11 @@
 """Reward verifiers: the plug-in API (``Score``, ``Verifier``, ``register_verifier``, ``load_verifier``),
-the built-ins (``math``, ``exact``, ``numeric``, ``arithmetic``, ``countdown``, ``code``, ``format``;
+reward functions written for verl or TRL (``functions``), the built-ins (``math``, ``exact``, ``numeric``, ``arithmetic``, ``countdown``, ``code``, ``format``;
 imported on first lookup) and the worker-process isolation the verifier actor runs them in
 (``isolation.IsolatedScorer``).
 """
 
 from pipeline.data.verifiers.base import (
+    InfoScore,
     Score,
     Verifier,
     VerifierLoadError,
@@ -15,6 +16,7 @@ from pipeline.data.verifiers.base import (
 )
 
 __all__ = [
+    "InfoScore",
     "Score",
     "Verifier",
     "VerifierLoadError",

@@ -12,7 +12,9 @@ batch method scores N samples at once::
             return [Score(float(len(r) <= self.max_chars)) for r in responses]
 
 It is selected in config by its registered name or by import path ``package.module:ClassName`` (no
-registration needed). Plug-ins do not handle timeouts, crashes or isolation: the verifier actor runs them
+registration needed). An import path may also name a reward function written for verl
+(``compute_score(data_source, solution_str, ground_truth, extra_info=None)``) or TRL
+(``f(prompts, completions, **kwargs)``), used unchanged (``functions.py``). Plug-ins do not handle timeouts, crashes or isolation: the verifier actor runs them
 in a worker process and scores a failing sample 0 with the reason recorded (see ``isolation.py``).
 
 Also here, because the actor and the pool both need them without Ray: routing by data source
@@ -22,6 +24,7 @@ Also here, because the actor and the pool both need them without Ray: routing by
 from __future__ import annotations
 
 import difflib
+import functools
 import importlib
 import inspect
 import math
@@ -42,6 +45,18 @@ class Score(NamedTuple):
 
     score: float
     reason: str | None = None
+
+
+class InfoScore(Score):
+    """A ``Score`` with named numbers about the sample (e.g. a verl result dict's other keys), logged as
+    per-source means. Still a ``(score, reason)`` pair to code that unpacks or compares scores."""
+
+    info: dict[str, float] | None
+
+    def __new__(cls, score: float, reason: str | None = None, info: dict[str, float] | None = None):
+        self = super().__new__(cls, score, reason)
+        self.info = info
+        return self
 
 
 class Verifier:
@@ -95,10 +110,12 @@ def _import_builtins() -> None:
         importlib.import_module(module)
 
 
-def resolve_verifier_class(name: str) -> type:
-    """The class for a registered name or an import path ``package.module:ClassName``."""
+def resolve_verifier_class(name: str) -> Callable[..., Any]:
+    """What builds the verifier from its options: the class for a registered name or an import path
+    ``package.module:ClassName``; for an import path naming a verl- or TRL-style reward function, a
+    factory of its adapter (the function's shape is checked here, so a wrong one fails at config load)."""
     if ":" in name:
-        return _import_class(name)
+        return _import_plugin(name)
     _import_builtins()
     if name in _REGISTRY:
         return _REGISTRY[name]
@@ -110,7 +127,7 @@ def resolve_verifier_class(name: str) -> type:
     )
 
 
-def _import_class(path: str) -> type:
+def _import_plugin(path: str) -> Callable[..., Any]:
     module_name, _, attr = path.partition(":")
     if not module_name or not attr:
         raise VerifierLoadError(f"verifier import path {path!r} must look like 'package.module:ClassName'")
@@ -122,6 +139,8 @@ def _import_class(path: str) -> type:
             "make sure it is importable where the verifier runs (installed, on PYTHONPATH, or in the "
             "job's working_dir)"
         ) from err
+    from pipeline.data.verifiers import functions
+
     cls = getattr(module, attr, None)
     if cls is None:
         found = [
@@ -130,9 +149,14 @@ def _import_class(path: str) -> type:
         raise VerifierLoadError(
             f"module {module_name!r} has no attribute {attr!r}; classes there with a score method: {found or 'none'}"
         )
-    if not callable(getattr(cls, "score", None)):
-        raise VerifierLoadError(f"{path!r} has no score(prompts, responses, ground_truths, extras) method")
-    return cls
+    if inspect.isclass(cls):
+        if not callable(getattr(cls, "score", None)):
+            raise functions.refusal(path, f"class {cls.__name__} has no score method")
+        return cls
+    if not callable(cls):
+        raise functions.refusal(path, f"it is a {type(cls).__name__}, not a class or a function")
+    functions.detect_shape(cls, path, {})
+    return functools.partial(functions.RewardFunction, cls, path)
 
 
 def load_verifier(spec: VerifierSpec | Mapping[str, Any] | str) -> Any:
@@ -142,6 +166,8 @@ def load_verifier(spec: VerifierSpec | Mapping[str, Any] | str) -> Any:
     elif not isinstance(spec, VerifierSpec):
         spec = VerifierSpec.model_validate(dict(spec))
     cls = resolve_verifier_class(spec.name)
+    if isinstance(cls, functools.partial):  # a reward function: its options are call arguments
+        return cls(spec.options)
     try:
         return cls(**spec.options)
     except TypeError as err:
@@ -172,6 +198,9 @@ def check_verifiers(config: VerifierConfig) -> None:
     for where, spec in named:
         try:
             cls = resolve_verifier_class(spec.name)
+            if isinstance(cls, functools.partial):  # a reward function: shape and options checked here
+                cls(spec.options)
+                continue
             try:
                 inspect.signature(cls).bind(**spec.options)
             except TypeError as err:
@@ -196,6 +225,7 @@ def coerce_scores(raw: Any, n: int, who: str) -> list[Score]:
         )
     out = []
     for item in items:
+        info = getattr(item, "info", None)
         if isinstance(item, tuple) and len(item) == 2:
             value, reason = item
         else:
@@ -208,8 +238,24 @@ def coerce_scores(raw: Any, n: int, who: str) -> list[Score]:
                 f"{who}.score returned {value}, which is not finite in float32 (the reward dtype; "
                 f"|score| <= {FLOAT32_MAX:.4g}); return a smaller score"
             )
-        out.append(Score(value, None if reason is None else str(reason)))
+        reason = None if reason is None else str(reason)
+        out.append(InfoScore(value, reason, info) if info else Score(value, reason))
     return out
+
+
+def call_score(
+    plugin: Any,
+    prompts: list[str],
+    responses: list[str],
+    ground_truths: list[str],
+    extras: list[dict[str, Any]],
+    data_sources: list[str],
+) -> Any:
+    """``plugin.score(...)``, with the samples' data sources for plug-ins that ask for them
+    (``takes_data_sources``: reward functions, and wrappers around any plug-in)."""
+    if getattr(plugin, "takes_data_sources", False):
+        return plugin.score(prompts, responses, ground_truths, extras, data_sources=data_sources)
+    return plugin.score(prompts, responses, ground_truths, extras)
 
 
 def format_wrapped(spec: VerifierSpec, fmt: FormatRewardSpec | None) -> VerifierSpec:
@@ -240,12 +286,14 @@ def summarize(
     kinds: Sequence[str],
     data_sources: Sequence[str],
     verifier_names: Sequence[str],
+    infos: Sequence[Mapping[str, float] | None] | None = None,
 ) -> dict[str, float]:
     """Stable metrics for one scored batch.
 
     Per data source ``verifier/<source>/{count,score_mean,errors,timeouts,crashes}``, per verifier
     ``verifier/by_verifier/<name>/...`` and totals ``verifier/{count,score_mean,errors,timeouts,crashes}``.
-    ``errors`` counts exceptions and crashed workers; ``crashes`` only the latter.
+    ``errors`` counts exceptions and crashed workers; ``crashes`` only the latter. Each key of the samples'
+    ``Score.info`` adds ``<prefix>/info/<key>/{mean,count}`` over the samples that reported it.
     """
     groups: dict[str, list[int]] = {"verifier": list(range(len(scores)))}
     for i, (source, name) in enumerate(zip(data_sources, verifier_names)):
@@ -259,7 +307,20 @@ def summarize(
         stats[f"{prefix}/errors"] = float(sum(k in (ERROR, CRASH) for k in ks))
         stats[f"{prefix}/timeouts"] = float(sum(k == TIMEOUT for k in ks))
         stats[f"{prefix}/crashes"] = float(sum(k == CRASH for k in ks))
+        for key, values in _info_values(infos, idx).items():
+            stats[f"{prefix}/info/{metric_name(key)}/mean"] = sum(values) / len(values)
+            stats[f"{prefix}/info/{metric_name(key)}/count"] = float(len(values))
     return stats
+
+
+def _info_values(
+    infos: Sequence[Mapping[str, float] | None] | None, idx: list[int]
+) -> dict[str, list[float]]:
+    values: dict[str, list[float]] = {}
+    for i in idx if infos is not None else ():
+        for key, value in (infos[i] or {}).items():
+            values.setdefault(key, []).append(float(value))
+    return values
 
 
 def merge_stats(parts: Sequence[Mapping[str, float]]) -> dict[str, float]:
@@ -269,14 +330,19 @@ def merge_stats(parts: Sequence[Mapping[str, float]]) -> dict[str, float]:
     weighted: dict[str, float] = {}
     for part in parts:
         for key, value in part.items():
-            if key.endswith("/score_mean"):
-                count = part.get(key[: -len("score_mean")] + "count", 0.0)
+            if key.endswith("/score_mean") or (key.endswith("/mean") and "/info/" in key):
+                count = part.get(_count_key(key), 0.0)
                 weighted[key] = weighted.get(key, 0.0) + value * count
             elif key.endswith("_s"):
                 merged[key] = max(merged.get(key, 0.0), value)
             else:
                 merged[key] = merged.get(key, 0.0) + value
     for key, total in weighted.items():
-        count = merged.get(key[: -len("score_mean")] + "count", 0.0)
+        count = merged.get(_count_key(key), 0.0)
         merged[key] = total / count if count else 0.0
     return merged
+
+
+def _count_key(mean_key: str) -> str:
+    """The count a mean is taken over: ``.../score_mean`` -> ``.../count``, ``.../info/k/mean`` -> ``.../info/k/count``."""
+    return mean_key[: -len("score_mean" if mean_key.endswith("/score_mean") else "mean")] + "count"

@@ -13,7 +13,7 @@ import threading
 from fractions import Fraction
 from typing import Any
 
-from pipeline.data.verifiers.base import Score, Verifier, load_verifier, register_verifier
+from pipeline.data.verifiers.base import InfoScore, Score, Verifier, load_verifier, register_verifier
 
 _NUMBER = re.compile(r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)?(?:\.\d+)?(?:[eE][-+]?\d+)?(?:\s*/\s*\d+)?%?")
 
@@ -247,24 +247,26 @@ class FormatReward(Verifier):
         self._pattern = re.compile(pattern, re.DOTALL)
         self.bonus, self.penalty, self.gate = bonus, penalty, gate
 
-    def score(self, prompts, responses, ground_truths, extras) -> list[Score]:
-        from pipeline.data.verifiers.base import coerce_scores
+    takes_data_sources = True  # passed on to the inner verifier when it takes them
+
+    def score(self, prompts, responses, ground_truths, extras, data_sources=None) -> list[Score]:
+        from pipeline.data.verifiers.base import call_score, coerce_scores
 
         formatted = [self._pattern.search(r) is not None for r in responses]
         inner_idx = [i for i, ok in enumerate(formatted) if ok or not self.gate]
         pick = lambda xs: [xs[i] for i in inner_idx]  # noqa: E731
-        inner = coerce_scores(
-            self.inner.score(pick(prompts), pick(responses), pick(ground_truths), pick(extras)),
-            len(inner_idx),
-            type(self.inner).__name__,
+        sources = [""] * len(responses) if data_sources is None else data_sources
+        raw = call_score(
+            self.inner, pick(prompts), pick(responses), pick(ground_truths), pick(extras), pick(sources)
         )
+        inner = coerce_scores(raw, len(inner_idx), getattr(self.inner, "label", type(self.inner).__name__))
         by_index = dict(zip(inner_idx, inner))
         out = []
         for i, ok in enumerate(formatted):
             base = by_index.get(i, Score(0.0, None))
             if ok:
-                out.append(Score(base.score + self.bonus, base.reason))
+                out.append(InfoScore(base.score + self.bonus, base.reason, getattr(base, "info", None)))
             else:
                 reason = "format: pattern not found" + (f"; {base.reason}" if base.reason else "")
-                out.append(Score(base.score - self.penalty, reason))
+                out.append(InfoScore(base.score - self.penalty, reason, getattr(base, "info", None)))
         return out

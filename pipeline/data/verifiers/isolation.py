@@ -39,12 +39,15 @@ from pipeline.data.verifiers.base import (
     OK,
     TIMEOUT,
     VerifierLoadError,
+    call_score,
     coerce_scores,
     load_verifier,
 )
 from schemas.verifier_config import VerifierSpec
 
-_Item = tuple[int, str, str, str, str, dict]  # (index, route key, prompt, response, ground truth, extra)
+_Item = tuple[
+    int, str, str, str, str, dict, str
+]  # (index, route key, prompt, response, truth, extra, source)
 
 
 @dataclass(frozen=True)
@@ -54,6 +57,7 @@ class Outcome:
     score: float
     reason: str | None
     kind: str = OK
+    info: dict[str, float] | None = None
 
 
 class _ImportClock:
@@ -114,15 +118,15 @@ def _worker_main(conn: Connection, specs: dict[str, dict[str, Any]]) -> None:
             return
         if items is None:
             return
-        for index, key, prompt, response, truth, extra in items:
+        for index, key, prompt, response, truth, extra, source in items:
             plugin = plugins[key]
             clock.index = index
             try:
-                raw = plugin.score([prompt], [response], [truth], [extra])
-                (result,) = coerce_scores(raw, 1, type(plugin).__name__)
-                message = ("result", index, OK, result.score, result.reason)
+                raw = call_score(plugin, [prompt], [response], [truth], [extra], [source])
+                (result,) = coerce_scores(raw, 1, getattr(plugin, "label", type(plugin).__name__))
+                message = ("result", index, OK, result.score, result.reason, getattr(result, "info", None))
             except BaseException as err:  # noqa: BLE001 - incl. math-verify's TimeoutException, SystemExit
-                message = ("result", index, ERROR, 0.0, f"error: {type(err).__name__}: {err}"[:500])
+                message = ("result", index, ERROR, 0.0, f"error: {type(err).__name__}: {err}"[:500], None)
             finally:
                 clock.index = -1
             conn.send(message)
@@ -240,21 +244,26 @@ class IsolatedScorer:
         responses: Sequence[str],
         ground_truths: Sequence[str],
         extras: Sequence[dict] | None = None,
+        data_sources: Sequence[str] | None = None,
     ) -> list[Outcome]:
-        """One ``Outcome`` per sample, in input order. Never raises for anything a plug-in does."""
+        """One ``Outcome`` per sample, in input order. Never raises for anything a plug-in does.
+        ``data_sources`` reach the plug-ins that take them (reward functions); "" when not given."""
         n = len(responses)
         extras = list(extras) if extras is not None else [{} for _ in range(n)]
-        if not (len(keys) == len(prompts) == len(ground_truths) == len(extras) == n):
+        sources = list(data_sources) if data_sources is not None else [""] * n
+        if not (len(keys) == len(prompts) == len(ground_truths) == len(extras) == len(sources) == n):
             raise ValueError(
-                f"score: keys/prompts/responses/ground_truths/extras must have equal lengths, got "
-                f"{len(keys)}/{len(prompts)}/{n}/{len(ground_truths)}/{len(extras)}"
+                f"score: keys/prompts/responses/ground_truths/extras/data_sources must have equal lengths, "
+                f"got {len(keys)}/{len(prompts)}/{n}/{len(ground_truths)}/{len(extras)}/{len(sources)}"
             )
         unknown = set(keys) - set(self._specs)
         if unknown:
             raise ValueError(
                 f"score: route keys {sorted(unknown)} have no verifier; known: {sorted(self._specs)}"
             )
-        items = [(i, keys[i], prompts[i], responses[i], ground_truths[i], extras[i]) for i in range(n)]
+        items = [
+            (i, keys[i], prompts[i], responses[i], ground_truths[i], extras[i], sources[i]) for i in range(n)
+        ]
         results: list[Outcome | None] = [None] * n
         per = -(-n // len(self._workers)) if n else 0
         active: list[int] = []
@@ -300,8 +309,8 @@ class IsolatedScorer:
                     worker.importing(started=rest[0], at=rest[1])
                     continue
                 worker.queue.popleft()
-                kind, score, reason = rest
-                results[index] = Outcome(float(score), reason, kind)
+                kind, score, reason, info = rest
+                results[index] = Outcome(float(score), reason, kind, info)
                 worker.next_sample(self.timeout_s, self.startup_timeout_s)
         except (EOFError, OSError):
             return False
