@@ -89,38 +89,45 @@ def update_mini_batch(trainable: Trainable, state: StepState, mini: np.ndarray, 
             mb = make_micro_batch(batch, part)
             _backward(trainable, state, mb, *_forward(model, state, mb), None, norm, on_policy)
         return
-    fused = all(
-        len(state.micro_batches(shard(mini, r, state.world_size))) <= 1 for r in range(state.world_size)
-    )
-    if not fused:
-        selected = _select(state, _current_logprobs(model, state, my_rows, first=first))
-        model.train()
+    if not parts:  # this rank has no rows in this mini-batch; it still joins the gather
+        _select(state, (np.zeros(0, np.int64), np.zeros(0, np.float32)))
+        return
+    if _needs_no_pass(state, first):  # selection from the step-start log-probs
+        mine = flat_positions(batch, my_rows)
+        selected = _select(state, (mine, state.step_start[mine]))
         for part in parts:
             mb = make_micro_batch(batch, part)
             _backward(trainable, state, mb, *_forward(model, state, mb), selected, norm, on_policy)
         return
-    # Fused: select between the forward and its backward, from the forward's own detached log-probs.
-    mb = make_micro_batch(batch, parts[0]) if parts else None
-    if mb is None:  # this rank has no rows in this mini-batch; it still joins the gather
-        _select(state, (np.zeros(0, np.int64), np.zeros(0, np.float32)))
-        return
-    logp, ent = _forward(model, state, mb)
-    selected = _select(state, (mb.flat_index, logp.detach()[mb.response_mask].numpy()))
-    _backward(trainable, state, mb, logp, ent, selected, norm, on_policy)
+    # Selection needs the current policy's log-probs of the whole mini-batch before any backward. The first
+    # micro-batch's loss forward supplies its own (its graph is kept until the selection is known); only the
+    # other micro-batches need a lean no-grad pass. Fused (one micro-batch per rank): no extra pass at all.
+    head = make_micro_batch(batch, parts[0])
+    logp, ent = _forward(model, state, head)
+    positions, current = [head.flat_index], [logp.detach()[head.response_mask].numpy()]
+    if len(parts) > 1:
+        rest = np.concatenate(parts[1:])
+        positions.append(flat_positions(batch, rest))
+        current.append(_lean_logprobs(model, state, rest)[positions[-1]])
+    selected = _select(state, (np.concatenate(positions), np.concatenate(current)))
+    _backward(trainable, state, head, logp, ent, selected, norm, on_policy)
+    for part in parts[1:]:
+        mb = make_micro_batch(batch, part)
+        _backward(trainable, state, mb, *_forward(model, state, mb), selected, norm, on_policy)
 
 
-def _current_logprobs(
-    model, state: StepState, rows: np.ndarray, *, first: bool
-) -> tuple[np.ndarray, np.ndarray]:
-    """(flat positions of ``rows``, the current policy's log-probs there) for selection outside the loss
-    forward: the step-start log-probs where they are the current ones (first update) or where nothing
-    needs the current ones (step_start ranking without a ratio-dependent selector); else a lean pass."""
-    mine = flat_positions(state.batch, rows)
+def _needs_no_pass(state: StepState, first: bool) -> bool:
+    """The step-start log-probs serve the selection: they are the current ones (first update), or nothing
+    needs the current ones (step_start ranking without a ratio-dependent selector)."""
     ranks_by_start = state.learner.selection_logprobs == "step_start"
-    if first or (ranks_by_start and not state.selector.needs_current_ratio):
-        return mine, state.step_start[mine]
-    model.eval()
+    return first or (ranks_by_start and not state.selector.needs_current_ratio)
+
+
+def _lean_logprobs(model, state: StepState, rows: np.ndarray) -> np.ndarray:
+    """The current policy's log-probs of ``rows`` (flat layout), no grad, no entropy, no stats."""
     cfg = state.learner
+    was_training = model.training
+    model.eval()
     cur, _ = batch_logprobs(
         model,
         state.batch,
@@ -131,7 +138,8 @@ def _current_logprobs(
         full_logits=state.full_logits,
         token_budget=cfg.micro_batch_tokens,
     )
-    return mine, cur[mine]
+    model.train(was_training)
+    return cur
 
 
 def _select(state: StepState, current: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
@@ -148,6 +156,10 @@ def _select(state: StepState, current: tuple[np.ndarray, np.ndarray]) -> np.ndar
             state.advantages[mine].astype(np.float64),
         )
     )
+    # Canonical token order (the batch layout), so a seeded random selection does not depend on how the
+    # rows were split into micro-batches or ranks.
+    order = torch.argsort(pos)
+    pos, cur, old, adv = pos[order], cur[order], old[order], adv[order]
     pos = pos.long().numpy()
     rank_by = None
     if state.learner.selection_logprobs == "step_start":

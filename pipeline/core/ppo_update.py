@@ -17,15 +17,15 @@ advantage) per token, every rank runs the same seeded selection and keeps its sl
 code, tokens are ranked by the *current* policy's log-probs (``selection_logprobs: current``, the
 default), which also tell Clip-Cov which tokens the PPO clip already zeroes. Where those come from:
 
-- fused (every rank's share of the mini-batch fits one micro-batch, as in the default job): the detached
-  output of the forward that computes the loss; selection sits between that forward and its backward,
-  so it costs no extra pass;
-- otherwise: one lean no-grad pass (log-probs only) over the rank's rows before the micro-batches, skipped
-  for the first update of a step, where the current policy is the step-start one already computed.
+- the first micro-batch of the rank's share: the detached output of the forward that computes its loss;
+  selection sits between that forward and its backward (its graph is kept meanwhile);
+- the other micro-batches, if any: one lean no-grad pass (log-probs only). Fused (every rank's share fits
+  one micro-batch, as in the default job) this costs no extra pass at all; with M micro-batches, (M-1)/M
+  of a forward. The first update of a step needs neither: the current policy is the step-start one.
 
 ``selection_logprobs: step_start`` (an opt-in approximation, docs/architecture.md) ranks by the
 step-start log-probs instead; Clip-Cov still excludes clipped tokens by the current ratio, so it still
-needs the current log-probs (the lean pass when not fused); KL-Cov then needs no pass at all.
+needs the current log-probs; KL-Cov then needs no pass at all.
 """
 
 from __future__ import annotations

@@ -45,7 +45,15 @@ ECHO_TESTS = json.dumps({"inputs": ["hunter", "abc\n"], "outputs": ["HUNTER\n", 
 
 @pytest.fixture(scope="module")
 def verifier():
+    """Short limits, so hostile programs that must be cut off by time end fast."""
     return CodeVerifier(wall_s=2.0, memory_mb=256, max_procs=8, total_wall_s=6.0)
+
+
+@pytest.fixture(scope="module")
+def roomy():
+    """The same limits but time: for programs that must finish (or be stopped by something other than the
+    clock) even when a loaded machine makes the sandbox's start slow."""
+    return CodeVerifier(wall_s=30.0, memory_mb=256, max_procs=8, total_wall_s=60.0)
 
 
 def _run(verifier, program: str, tests: str = ECHO_TESTS, extra=None):
@@ -63,15 +71,15 @@ def _sandbox_uid_processes() -> list[int]:
     return [p.pid for p in procs if p.info["uids"] is not None and p.info["uids"].real >= 1_000_000]
 
 
-def test_correct_and_incorrect_programs(verifier):
-    assert _run(verifier, "print(input().upper())").score == 1.0
-    wrong = _run(verifier, "print(input())")
+def test_correct_and_incorrect_programs(roomy):
+    assert _run(roomy, "print(input().upper())").score == 1.0
+    wrong = _run(roomy, "print(input())")
     assert wrong.score == 0.0 and wrong.reason == "wrong output on test 0"
-    crash = _run(verifier, "raise SystemExit(input() + 1)")
+    crash = _run(roomy, "raise SystemExit(input() + 1)")
     assert crash.score == 0.0 and "TypeError" in crash.reason
     asserts = {"test_code": "assert add(2, 3) == 5\nassert add(-1, 1) == 0"}
-    assert _run(verifier, "def add(a, b):\n    return a + b", json.dumps(asserts)).score == 1.0
-    assert _run(verifier, "def add(a, b):\n    return a - b", json.dumps(asserts)).score == 0.0
+    assert _run(roomy, "def add(a, b):\n    return a + b", json.dumps(asserts)).score == 1.0
+    assert _run(roomy, "def add(a, b):\n    return a - b", json.dumps(asserts)).score == 0.0
     # Tests may also come per sample in extras, and partial credit is an option.
     partial = CodeVerifier(wall_s=2.0, partial_credit=True)
     half = partial.score(["p"], ["print('HUNTER')"], [""], [{"tests": ECHO_TESTS}])[0]
@@ -162,7 +170,7 @@ def test_what_it_can_see_is_read_only():
     assert Path(host_os).read_bytes() == before and not Path(host_os).with_name("new.py").exists()
 
 
-def test_cannot_read_parent_secrets(verifier, monkeypatch):
+def test_cannot_read_parent_secrets(roomy, monkeypatch):
     secret = f"s3cret-{uuid.uuid4().hex}"
     monkeypatch.setenv("COVRL_TEST_SECRET", secret)
     program = (
@@ -176,11 +184,11 @@ def test_cannot_read_parent_secrets(verifier, monkeypatch):
         "print(found or 'nothing')"
     )
     tests = json.dumps({"inputs": [""], "outputs": [secret]})
-    got = _run(verifier, program, tests)
+    got = _run(roomy, program, tests)
     assert got.score == 0.0 and got.reason == "wrong output on test 0"
     # Control: the same program sees what it is given on stdin, so the check above is meaningful.
     assert (
-        _run(verifier, "print('nothing')", json.dumps({"inputs": [""], "outputs": ["nothing"]})).score == 1.0
+        _run(roomy, "print('nothing')", json.dumps({"inputs": [""], "outputs": ["nothing"]})).score == 1.0
     )
 
 
@@ -230,10 +238,10 @@ def test_background_process_does_not_outlive_the_verifier(verifier):
     assert _host_snapshot()[1] <= children_before
 
 
-def test_shared_temp_dirs_are_private(verifier):
+def test_shared_temp_dirs_are_private(roomy):
     name = f"covrl-marker-{uuid.uuid4().hex}"
     program = f"for d in ('/tmp', '/var/tmp', '/dev/shm'):\n    open(d + '/{name}', 'w').write('x')\nprint(input().upper())"
-    assert _run(verifier, program).score == 1.0  # writing there works, but only in the sandbox's own tmpfs
+    assert _run(roomy, program).score == 1.0  # writing there works, but only in the sandbox's own tmpfs
     assert not any(os.path.exists(f"{d}/{name}") for d in ("/tmp", "/var/tmp", "/dev/shm"))
 
 
@@ -433,7 +441,7 @@ def test_total_disk_use_is_bounded():
 
 
 @pytest.mark.skipif(CAPS.memory_cgroup is None, reason=f"no writable memory cgroup: {CAPS.notes}")
-def test_memory_is_bounded_for_the_whole_sandbox(verifier):
+def test_memory_is_bounded_for_the_whole_sandbox(roomy):
     """Four processes of 150 MiB each stay under a 256 MiB per-process limit but must not hold 600 MiB
     together: the sandbox's cgroup (256 + 64 MiB) kills one, and the sample scores 0 saying why."""
     program = (
@@ -468,7 +476,7 @@ def test_memory_is_bounded_for_the_whole_sandbox(verifier):
         "        pass\n"
     )
     tests = json.dumps({"inputs": [""], "outputs": ["all 4 held 150 MiB at once"]})
-    got = _run(verifier, program, tests)
+    got = _run(roomy, program, tests)
     assert got.score == 0.0 and got.reason.startswith("out of memory on test 0"), got
 
 

@@ -185,8 +185,8 @@ class CountingPolicy(LookupPolicy):
         ("clip_cov", "current", 64, 0),  # fused: selection from the loss forward itself
         ("kl_cov", "current", 64, 0),
         ("clip_cov", "step_start", 64, 0),
-        ("clip_cov", "current", 2, 3),  # lean no-grad pass over the rank's rows (3 micro-batches of 2)
-        ("clip_cov", "step_start", 2, 3),  # Clip-Cov still needs the current ratio
+        ("clip_cov", "current", 2, 2),  # 3 micro-batches of 2: the first from its loss forward, 2 lean
+        ("clip_cov", "step_start", 2, 2),  # Clip-Cov still needs the current ratio
         ("kl_cov", "step_start", 2, 0),  # ranks by the step-start log-probs: no pass
         ("ppo", "current", 2, 0),
     ],
