@@ -187,9 +187,7 @@ def test_cannot_read_parent_secrets(roomy, monkeypatch):
     got = _run(roomy, program, tests)
     assert got.score == 0.0 and got.reason == "wrong output on test 0"
     # Control: the same program sees what it is given on stdin, so the check above is meaningful.
-    assert (
-        _run(roomy, "print('nothing')", json.dumps({"inputs": [""], "outputs": ["nothing"]})).score == 1.0
-    )
+    assert _run(roomy, "print('nothing')", json.dumps({"inputs": [""], "outputs": ["nothing"]})).score == 1.0
 
 
 def test_no_network_even_to_localhost(verifier):
