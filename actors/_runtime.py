@@ -63,7 +63,10 @@ class MetricsClient:
 
         if self._handle is None:
             self._handle = ray.get_actor(self.actor_name)
-        metrics = metrics | {f"{self.role}/{self.replica}/rss_mb": rss_mb()}
+        metrics = metrics | {
+            f"{self.role}/{self.replica}/rss_mb": rss_mb(),
+            f"{self.role}/{self.replica}/rss_peak_mb": peak_rss_mb(),
+        }
         rec = MetricsRecord(
             step=step,
             role=self.role,
@@ -80,3 +83,11 @@ def rss_mb() -> float:
     import psutil
 
     return psutil.Process().memory_info().rss / 2**20
+
+
+def peak_rss_mb() -> float:
+    """High-water resident memory of this process so far: the current RSS sampled once per step misses
+    the peaks inside a step (the learner's activations, the generator's KV cache fill)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
