@@ -92,7 +92,9 @@ def covrl_steps(rows: list[dict], samples: int, mode: str) -> list[dict]:
             "tokens": r["response_length/mean"] * samples,
         }
         hidden = 0.0 if mode == "sync" else step["generate"]
-        step["other"] = step["wall"] - step["verify"] - step["learner"] - step["sync"] - step["generate"] + hidden
+        step["other"] = (
+            step["wall"] - step["verify"] - step["learner"] - step["sync"] - step["generate"] + hidden
+        )
         out.append(step)
     return out
 
@@ -153,7 +155,9 @@ def summarize(run: dict) -> dict:
     walls = [s["wall"] for s in steady]
     samples = run["point"]["prompts"] * run["point"]["group"]
     med = statistics.median(walls)
-    split = {k: statistics.median(s[k] for s in steady) for k in ("generate", "verify", "learner", "sync", "other")}
+    split = {
+        k: statistics.median(s[k] for s in steady) for k in ("generate", "verify", "learner", "sync", "other")
+    }
     return {
         "step_s_median": med,
         "step_s_min": min(walls),
@@ -187,7 +191,9 @@ def ratios(entry: dict, system: str) -> dict | None:
     mine, trl = entry["runs"].get(system), entry["runs"].get("TRL")
     if not mine or not trl:
         return None
-    med = statistics.median(r["step_s_median"] for r in trl) / statistics.median(r["step_s_median"] for r in mine)
+    med = statistics.median(r["step_s_median"] for r in trl) / statistics.median(
+        r["step_s_median"] for r in mine
+    )
     best = min(r["step_s_min"] for r in trl) / min(r["step_s_min"] for r in mine)
     return {"median": med, "min": best}
 
@@ -258,8 +264,12 @@ def plot(results: dict, path: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=4, help="RL steps per run (the first and last are not timed)")
-    ap.add_argument("--repeats", type=int, default=1, help="runs of each system per point (min/median over them)")
+    ap.add_argument(
+        "--steps", type=int, default=4, help="RL steps per run (the first and last are not timed)"
+    )
+    ap.add_argument(
+        "--repeats", type=int, default=1, help="runs of each system per point (min/median over them)"
+    )
     ap.add_argument("--quick", action="store_true", help="the default point and the longest length, 3 steps")
     ap.add_argument("--only", help="comma-separated point keys (e.g. tiny-T1024-G8-P4)")
     ap.add_argument("--bf16", action="store_true", help="both systems in bf16 (default fp32)")
@@ -285,7 +295,9 @@ def main() -> None:
     stem = "scaling_vs_trl" + ("_quick" if args.quick or args.only else "")
     out = Path(args.out) if args.out else RESULTS / f"{stem}.json"
     log = out.with_suffix(".log")
-    print(f"{len(points)} points x {len(SYSTEMS)} systems x {args.repeats} repeats, {args.steps} steps; log {log}")
+    print(
+        f"{len(points)} points x {len(SYSTEMS)} systems x {args.repeats} repeats, {args.steps} steps; log {log}"
+    )
     t0 = time.perf_counter()
     meta = {"steps": args.steps, "repeats": args.repeats, "precision": "bf16" if args.bf16 else "fp32"}
 

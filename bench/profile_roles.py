@@ -21,10 +21,11 @@ from bench.bench_scaling import model_dir  # noqa: E402
 
 
 def prompts_batch(n: int):
+    from transformers import AutoTokenizer
+
     from pipeline.data.addition import make_rows
     from pipeline.driver.rollout import encode_prompts
     from schemas.data_config import SyntheticTaskConfig
-    from transformers import AutoTokenizer
 
     rows = [r | {"index": i} for i, r in enumerate(make_rows(SyntheticTaskConfig(), "train")[:n])]
     return rows, encode_prompts(rows, AutoTokenizer.from_pretrained(model_dir("tiny")), step=1)
@@ -39,7 +40,7 @@ def profiled(fn, label: str, top: int):
     print(f"\n== {label}: {time.perf_counter() - t0:.2f} s")
     s = io.StringIO()
     pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(top)
-    print("\n".join(s.getvalue().splitlines()[:top + 12]))
+    print("\n".join(s.getvalue().splitlines()[: top + 12]))
     return out
 
 
@@ -90,22 +91,34 @@ def vs_hf(gen, prompts, path: str, args) -> None:
     def hf():
         with torch.no_grad():
             model.generate(
-                **enc, do_sample=True, temperature=1.0, max_new_tokens=args.max_new,
-                min_new_tokens=args.max_new, pad_token_id=tok.pad_token_id, top_k=0,
+                **enc,
+                do_sample=True,
+                temperature=1.0,
+                max_new_tokens=args.max_new,
+                min_new_tokens=args.max_new,
+                pad_token_id=tok.pad_token_id,
+                top_k=0,
             )
 
     hf()  # warm-up
     times: dict[str, list[float]] = {"covrl generator": [], "HF generate": []}
     for _ in range(args.repeats):
-        for name, fn in (("covrl generator", lambda: gen.generate(prompts, n=args.group, report=False)), ("HF generate", hf)):
+        for name, fn in (
+            ("covrl generator", lambda: gen.generate(prompts, n=args.group, report=False)),
+            ("HF generate", hf),
+        ):
             t0 = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)
     n_tok = args.prompts * args.group * args.max_new
     for name, ts in times.items():
-        print(f"{name:16} min {min(ts):6.2f} s  median {statistics.median(ts):6.2f} s  {n_tok / min(ts):8.0f} tok/s")
-    print(f"HF / covrl time: {min(times['HF generate']) / min(times['covrl generator']):.2f} (min), "
-          f"{statistics.median(times['HF generate']) / statistics.median(times['covrl generator']):.2f} (median)")
+        print(
+            f"{name:16} min {min(ts):6.2f} s  median {statistics.median(ts):6.2f} s  {n_tok / min(ts):8.0f} tok/s"
+        )
+    print(
+        f"HF / covrl time: {min(times['HF generate']) / min(times['covrl generator']):.2f} (min), "
+        f"{statistics.median(times['HF generate']) / statistics.median(times['covrl generator']):.2f} (median)"
+    )
 
 
 def learner(args) -> None:
@@ -115,11 +128,17 @@ def learner(args) -> None:
 
     n = args.prompts * args.group
     batch = synthetic_train_batch(
-        n, prompt_len=(9, 11), response_len=(args.max_new, args.max_new + 1), vocab=(4, 18), group_size=args.group,
+        n,
+        prompt_len=(9, 11),
+        response_len=(args.max_new, args.max_new + 1),
+        vocab=(4, 18),
+        group_size=args.group,
         sampler_logprob=-2.8,
     )
     lr = Learner(
-        LearnerConfig(threads=args.threads, mini_batches=4, micro_batch_size=64, measure_entropy_change_every=0),
+        LearnerConfig(
+            threads=args.threads, mini_batches=4, micro_batch_size=64, measure_entropy_change_every=0
+        ),
         AlgorithmConfig(),
         model_dir(args.size),
         master_port=29641,
