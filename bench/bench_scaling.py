@@ -99,7 +99,7 @@ def covrl_steps(rows: list[dict], samples: int, mode: str) -> list[dict]:
     return out
 
 
-def worker(system: str, point: dict, steps: int, bf16: bool, out_json: Path) -> None:
+def worker(system: str, point: dict, steps: int, bf16: bool, out_json: Path, sets: list[str]) -> None:
     samples = point["prompts"] * point["group"]
     kw = dict(prompts=point["prompts"], group=point["group"], max_new=point["max_new"], fixed_length=True)
     kw["evaluate"] = False
@@ -115,7 +115,7 @@ def worker(system: str, point: dict, steps: int, bf16: bool, out_json: Path) -> 
         from bench.bench_vs_trl import run_covrl
 
         mode = system.split()[1]
-        extra = COVRL_MODES[mode] + (BF16 if bf16 else [])
+        extra = COVRL_MODES[mode] + (BF16 if bf16 else []) + sets
         r = run_covrl(steps, run_dir / "run", extra, model_path=model, **kw)
         per_step = covrl_steps(r["rows"], samples, mode)
         last = r["rows"][-1]
@@ -136,8 +136,11 @@ def _peak_rss_mb() -> float:
 
 
 def run_one(system: str, point: dict, steps: int, bf16: bool, log: Path) -> dict | None:
+    """``system``: 'TRL', 'covrl MODE', or 'covrl MODE [KEY=VALUE ...]' (extra covrl overrides, --ab)."""
     out = Path(tempfile.mkstemp(prefix="covrl-scaling-", suffix=".json")[1])
-    cmd = [sys.executable, __file__, "--worker", system, "--point", json.dumps(point), "--steps", str(steps)]
+    name, _, sets = system.partition(" [")
+    cmd = [sys.executable, __file__, "--worker", name, "--point", json.dumps(point), "--steps", str(steps)]
+    cmd += [x for kv in sets.rstrip("]").split() for x in ("--set", kv)]
     cmd += ["--out", str(out)] + (["--bf16"] if bf16 else [])
     t0 = time.perf_counter()
     with log.open("a") as f:
@@ -169,14 +172,15 @@ def summarize(run: dict) -> dict:
     }
 
 
-def sweep(points: list[dict], steps: int, repeats: int, bf16: bool, log: Path, save) -> dict:
+def sweep(points: list[dict], steps: int, repeats: int, bf16: bool, log: Path, save, systems=SYSTEMS) -> dict:
     results: dict[str, dict] = {}
     for p in points:
         key = point_key(p)
-        runs: dict[str, list[dict]] = {s: [] for s in SYSTEMS}
+        runs: dict[str, list[dict]] = {s: [] for s in systems}
         for rep in range(repeats):
             # rotate the order per repeat so no system always runs first after a model build
-            order = SYSTEMS[rep % 3 :] + SYSTEMS[: rep % 3]
+            k = rep % len(systems)
+            order = systems[k:] + systems[:k]
             for system in order:
                 r = run_one(system, p, steps, bf16, log)
                 if r is not None:
@@ -275,11 +279,17 @@ def main() -> None:
     ap.add_argument("--bf16", action="store_true", help="both systems in bf16 (default fp32)")
     ap.add_argument("--out", help="results JSON (default bench/results/scaling_vs_trl[_quick].json)")
     ap.add_argument("--from-json", help="print the table and plot of an earlier sweep's JSON, run nothing")
+    ap.add_argument(
+        "--ab",
+        help="before/after of a fix instead of the sweep: covrl sync with and without these space-separated "
+        "overrides (KEY=VALUE), interleaved, at --only points (default: the default point)",
+    )
+    ap.add_argument("--set", action="append", default=[], help=argparse.SUPPRESS)
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--point", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        worker(args.worker, json.loads(args.point), args.steps, args.bf16, Path(args.out))
+        worker(args.worker, json.loads(args.point), args.steps, args.bf16, Path(args.out), args.set)
         return
     if args.from_json:
         report(json.loads(Path(args.from_json).read_text()), Path(args.from_json))
@@ -287,8 +297,11 @@ def main() -> None:
     points = ORDER
     if args.quick:
         points, args.steps = [DEFAULT, AXES["response length"][-1]], 3
-    if args.only:
-        points = [p for p in points if point_key(p) in args.only.split(",")]
+    if args.only or args.ab:
+        keys = (args.only or point_key(DEFAULT)).split(",")
+        points = [p for p in {point_key(p): p for p in ORDER}.values() if point_key(p) in keys]
+    if args.ab:
+        return ab(points, args)
     for size in sorted({p["size"] for p in points}):
         model_dir(size)
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -306,6 +319,30 @@ def main() -> None:
         out.write_text(json.dumps({"meta": meta, "results": results}, indent=1))
 
     report({"meta": meta, "results": sweep(points, args.steps, args.repeats, args.bf16, log, save)}, out)
+
+
+def ab(points: list[dict], args) -> None:
+    """A fix measured side by side: covrl sync without the overrides (the code as it is) and with them
+    (a fix's flag turned off, or on), interleaved run by run."""
+    systems = ["covrl sync", f"covrl sync [{args.ab}]"]
+    log = RESULTS / "ab.log"
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    results = sweep(points, args.steps, args.repeats, args.bf16, log, lambda r: None, systems)
+    print(f"\nbefore: covrl sync; after: + {args.ab} ({args.repeats} runs each, steady steps)")
+    print(
+        f"{'point':22} {'before s/step':>14} {'after s/step':>13} {'gain (median)':>14} {'gain (min)':>11}  split after"
+    )
+    for key, entry in results.items():
+        before, after = entry["runs"][systems[0]], entry["runs"][systems[1]]
+        if not before or not after:
+            continue
+        b = [r["step_s_median"] for r in before]
+        a = [r["step_s_median"] for r in after]
+        split = " / ".join(f"{k} {v:.2f}" for k, v in before[0]["split_s"].items())
+        print(
+            f"{key:22} {statistics.median(b):9.2f} {statistics.median(a):9.2f} "
+            f"{statistics.median(a) / statistics.median(b):13.2f} {min(a) / min(b):10.2f}  {split}"
+        )
 
 
 def report(data: dict, out: Path) -> None:
