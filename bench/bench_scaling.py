@@ -54,8 +54,18 @@ AXES: dict[str, list[dict]] = {
     "group size": [DEFAULT, DEFAULT | {"group": 32, "prompts": 2}],
     "model width": [WIDTH, WIDTH | {"size": "10m"}, WIDTH | {"size": "40m"}],
 }
-# run order: the generation-bound end of the length axis first, so a cut-off sweep has the key points
-ORDER = [AXES["response length"][i] for i in (0, 3, 2, 1)] + AXES["model width"] + AXES["group size"][1:]
+# run order: the generation-bound end of the length axis and the widest model first, so a sweep cut off
+# has the points where the ratio could fall
+LENGTH, GROUPS = AXES["response length"], AXES["group size"]
+ORDER = [
+    LENGTH[0],
+    LENGTH[3],
+    AXES["model width"][2],
+    GROUPS[1],
+    LENGTH[2],
+    LENGTH[1],
+    *AXES["model width"][:2],
+]
 SYSTEMS = ["covrl sync", "covrl async", "TRL"]
 RESULTS = ROOT / "bench" / "results"
 
@@ -172,10 +182,14 @@ def summarize(run: dict) -> dict:
     }
 
 
-def sweep(points: list[dict], steps: int, repeats: int, bf16: bool, log: Path, save, systems=SYSTEMS) -> dict:
-    results: dict[str, dict] = {}
+def sweep(
+    points: list[dict], steps: int, repeats: int, bf16: bool, log: Path, save, systems=SYSTEMS, results=None
+) -> dict:
+    results = {} if results is None else results
     for p in points:
         key = point_key(p)
+        if key in results:
+            continue
         runs: dict[str, list[dict]] = {s: [] for s in systems}
         for rep in range(repeats):
             # rotate the order per repeat so no system always runs first after a model build
@@ -278,6 +292,7 @@ def main() -> None:
     ap.add_argument("--only", help="comma-separated point keys (e.g. tiny-T1024-G8-P4)")
     ap.add_argument("--bf16", action="store_true", help="both systems in bf16 (default fp32)")
     ap.add_argument("--out", help="results JSON (default bench/results/scaling_vs_trl[_quick].json)")
+    ap.add_argument("--keep", action="store_true", help="keep the points already in --out; measure the rest")
     ap.add_argument("--from-json", help="print the table and plot of an earlier sweep's JSON, run nothing")
     ap.add_argument(
         "--ab",
@@ -318,7 +333,9 @@ def main() -> None:
         meta["sweep_s"] = time.perf_counter() - t0
         out.write_text(json.dumps({"meta": meta, "results": results}, indent=1))
 
-    report({"meta": meta, "results": sweep(points, args.steps, args.repeats, args.bf16, log, save)}, out)
+    kept = json.loads(out.read_text())["results"] if args.keep and out.exists() else None
+    results = sweep(points, args.steps, args.repeats, args.bf16, log, save, results=kept)
+    report({"meta": meta, "results": results}, out)
 
 
 def ab(points: list[dict], args) -> None:
