@@ -216,10 +216,23 @@ def ratios(entry: dict, system: str) -> dict | None:
     return {"median": med, "min": best}
 
 
+def predicted_own_devices(entry: dict) -> float | None:
+    """covrl/TRL samples/s predicted for a node where generation has its own device: one-step-async then
+    costs max(generate, learner + sync + verify) per step, each from covrl sync's measured split (roles
+    measured alone, not overlapped), against TRL's measured step, which generates and learns in turn on
+    one device whatever the node."""
+    mine, trl = entry["runs"].get("covrl sync"), entry["runs"].get("TRL")
+    if not mine or not trl:
+        return None
+    sp = min(mine, key=lambda r: r["step_s_median"])["split_s"]
+    own = max(sp["generate"], sp["learner"] + sp["sync"] + sp["verify"])
+    return statistics.median(r["step_s_median"] for r in trl) / own
+
+
 def table(results: dict) -> str:
     head = (
         "| axis | point | system | samples/s | tokens/s | vs TRL (median / best) | generate / verify / learner / sync / other s "
-        "| peak RSS MB (per role) |\n|---|---|---|---|---|---|---|---|"
+        "| peak RSS MB (per role) | vs TRL, generation on its own device (predicted) |\n|---|---|---|---|---|---|---|---|---|"
     )
     lines = [head]
     for axis, pts in AXES.items():
@@ -241,9 +254,10 @@ def table(results: dict) -> str:
                 rs = f"{ratio['median']:.2f} / {ratio['min']:.2f}" if ratio else "1"
                 mem = ", ".join(f"{k} {v:.0f}" for k, v in s["rss_mb"].items())
                 split = " / ".join(f"{sp[k]:.2f}" for k in ("generate", "verify", "learner", "sync", "other"))
+                pred = predicted_own_devices(entry) if system == "covrl async" else None
                 lines.append(
                     f"| {axis} | {label} | {system} | {s['samples_per_s']:.1f} | {s['tokens_per_s']:.0f} | {rs} "
-                    f"| {split} | {mem} |"
+                    f"| {split} | {mem} | {'' if pred is None else f'{pred:.2f}'} |"
                 )
     return "\n".join(lines)
 
@@ -258,6 +272,7 @@ def plot(results: dict, path: Path) -> None:
     xs = {"response length": "max_new", "group size": "group", "model width": "size"}
     sizes = {"tiny": 1.8, "10m": 10.6, "40m": 39.7}
     for ax, (axis, pts) in zip(axes, AXES.items()):
+        measured = False
         for system, marker in (("covrl sync", "o"), ("covrl async", "s")):
             x, y = [], []
             for p in pts:
@@ -268,10 +283,15 @@ def plot(results: dict, path: Path) -> None:
                     x.append(sizes[v] if axis == "model width" else v)
                     y.append(r["median"])
             ax.plot(x, y, marker=marker, label=system)
+            for xi, yi in zip(x, y):
+                ax.annotate(f"{yi:.1f}", (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=7)
+            measured = measured or bool(x)
         ax.axhline(1.0, color="grey", lw=0.8)
         ax.axhline(2.0, color="grey", lw=0.8, ls="--")
-        if axis != "group size":
+        if axis != "group size" and measured:
             ax.set_xscale("log")
+        if not measured:
+            ax.text(0.5, 0.5, "not measured", transform=ax.transAxes, ha="center")
         ax.set_xlabel({"model width": "parameters (M)", "response length": "response tokens"}.get(axis, axis))
         ax.set_title(axis)
     axes[0].set_ylabel("covrl / TRL samples/s")
