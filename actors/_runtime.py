@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 
 
 def pin_threads(threads: int) -> None:
@@ -66,6 +67,9 @@ class MetricsClient:
         metrics = metrics | {
             f"{self.role}/{self.replica}/rss_mb": rss_mb(),
             f"{self.role}/{self.replica}/rss_peak_mb": peak_rss_mb(),
+            # CPU seconds this process has used so far, all threads: per-step differences tell a role's
+            # work apart from the waiting that a shared machine adds to its wall time
+            f"{self.role}/{self.replica}/cpu_s": time.process_time(),
         }
         rec = MetricsRecord(
             step=step,

@@ -91,8 +91,16 @@ def covrl_steps(rows: list[dict], samples: int, mode: str) -> list[dict]:
     driver's work and Ray in sync mode; in async mode generation overlaps the learner, so 'other' is the
     step minus learner, verify and sync, i.e. the part of generation the overlap did not hide (plus the
     driver)."""
-    out = []
+    out, cpu_before = [], {}
     for r in rows:
+        # the roles' CPU seconds in this step (generator and learner: the verifier, metrics actor and driver
+        # use little), from each role's cumulative process CPU time
+        cpu = 0.0
+        for role in ("generator", "learner"):
+            now = r.get(f"{role}/0/cpu_s")
+            if now is not None:
+                cpu += now - cpu_before.get(role, now)
+                cpu_before[role] = now
         step = {
             "wall": r["time/step"],
             "generate": r["time/generate"],
@@ -100,6 +108,7 @@ def covrl_steps(rows: list[dict], samples: int, mode: str) -> list[dict]:
             "learner": r["time/learner"],
             "sync": r["time/weight_sync"],
             "tokens": r["response_length/mean"] * samples,
+            "cpu": cpu,
         }
         hidden = 0.0 if mode == "sync" else step["generate"]
         step["other"] = (
@@ -179,6 +188,7 @@ def summarize(run: dict) -> dict:
         "split_s": split,
         "rss_mb": run["rss_mb"],
         "steady_steps": len(steady),
+        "cpu_s_median": statistics.median(s.get("cpu", float("nan")) for s in steady),
     }
 
 
@@ -213,7 +223,9 @@ def ratios(entry: dict, system: str) -> dict | None:
         r["step_s_median"] for r in mine
     )
     best = min(r["step_s_min"] for r in trl) / min(r["step_s_min"] for r in mine)
-    return {"median": med, "min": best}
+    # CPU seconds per step: what each system's work costs whatever else the machine runs meanwhile
+    cpu = [statistics.median(r.get("cpu_s_median", float("nan")) for r in x) for x in (trl, mine)]
+    return {"median": med, "min": best, "cpu": cpu[0] / cpu[1] if cpu[1] == cpu[1] and cpu[1] > 0 else None}
 
 
 def predicted_own_devices(entry: dict) -> float | None:
@@ -231,7 +243,7 @@ def predicted_own_devices(entry: dict) -> float | None:
 
 def table(results: dict) -> str:
     head = (
-        "| axis | point | system | samples/s | tokens/s | vs TRL (median / best) | generate / verify / learner / sync / other s "
+        "| axis | point | system | samples/s | tokens/s | vs TRL (median / best / CPU-s) | generate / verify / learner / sync / other s "
         "| peak RSS MB (per role) | vs TRL, generation on its own device (predicted) |\n|---|---|---|---|---|---|---|---|---|"
     )
     lines = [head]
@@ -252,6 +264,8 @@ def table(results: dict) -> str:
                 sp = s["split_s"]
                 ratio = ratios(entry, system) if system != "TRL" else None
                 rs = f"{ratio['median']:.2f} / {ratio['min']:.2f}" if ratio else "1"
+                if ratio and ratio["cpu"] is not None:
+                    rs += f" / CPU {ratio['cpu']:.2f}"
                 mem = ", ".join(f"{k} {v:.0f}" for k, v in s["rss_mb"].items())
                 split = " / ".join(f"{sp[k]:.2f}" for k in ("generate", "verify", "learner", "sync", "other"))
                 pred = predicted_own_devices(entry) if system == "covrl async" else None

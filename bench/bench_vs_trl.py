@@ -116,7 +116,7 @@ class _TRLClock:
 
         class _Cb(TrainerCallback):
             def on_train_begin(self, *a, **k):
-                clock._start = time.perf_counter()
+                clock._start, clock._cpu = time.perf_counter(), time.process_time()
 
             def on_step_end(self, args, state, *a, **k):
                 # one RL step = `updates` optimizer steps over one generation batch
@@ -124,8 +124,10 @@ class _TRLClock:
                     now = time.perf_counter()
                     step = {"wall": now - clock._start, **clock._t}
                     step["learner"] = step["wall"] - step["generate"] - step["verify"]
+                    step["cpu"] = time.process_time() - clock._cpu  # every thread of the one process
                     clock.steps.append(step)
                     clock._start, clock._t = now, {"generate": 0.0, "verify": 0.0}
+                    clock._cpu = time.process_time()
 
         return _Cb()
 
