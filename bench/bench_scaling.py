@@ -270,7 +270,7 @@ def table(results: dict) -> str:
                 split = " / ".join(f"{sp[k]:.2f}" for k in ("generate", "verify", "learner", "sync", "other"))
                 pred = predicted_own_devices(entry) if system == "covrl async" else None
                 lines.append(
-                    f"| {axis} | {label} | {system} | {s['samples_per_s']:.1f} | {s['tokens_per_s']:.0f} | {rs} "
+                    f"| {axis} | {label} | {system} | {s['samples_per_s']:.2f} | {s['tokens_per_s']:.0f} | {rs} "
                     f"| {split} | {mem} | {'' if pred is None else f'{pred:.2f}'} |"
                 )
     return "\n".join(lines)
