@@ -308,7 +308,11 @@ def plot(results: dict, path: Path) -> None:
             ax.text(0.5, 0.5, "not measured", transform=ax.transAxes, ha="center")
         ax.set_xlabel({"model width": "parameters (M)", "response length": "response tokens"}.get(axis, axis))
         ax.set_title(axis)
-    axes[0].set_ylabel("covrl / TRL samples/s")
+    axes[0].set_ylabel("covrl / TRL samples/s (wall)")
+    # one run per system and point on a shared box: the ratios carry each run's load, the README says how much
+    fig.suptitle(
+        "covrl / TRL, wall time, one run per system and point (bench/README.md: load, CPU-s)", fontsize=9
+    )
     axes[0].legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
