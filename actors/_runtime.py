@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 
 
 def pin_threads(threads: int) -> None:
@@ -63,7 +64,13 @@ class MetricsClient:
 
         if self._handle is None:
             self._handle = ray.get_actor(self.actor_name)
-        metrics = metrics | {f"{self.role}/{self.replica}/rss_mb": rss_mb()}
+        metrics = metrics | {
+            f"{self.role}/{self.replica}/rss_mb": rss_mb(),
+            f"{self.role}/{self.replica}/rss_peak_mb": peak_rss_mb(),
+            # CPU seconds this process has used so far, all threads: per-step differences tell a role's
+            # work apart from the waiting that a shared machine adds to its wall time
+            f"{self.role}/{self.replica}/cpu_s": time.process_time(),
+        }
         rec = MetricsRecord(
             step=step,
             role=self.role,
@@ -80,3 +87,11 @@ def rss_mb() -> float:
     import psutil
 
     return psutil.Process().memory_info().rss / 2**20
+
+
+def peak_rss_mb() -> float:
+    """High-water resident memory of this process so far: the current RSS sampled once per step misses
+    the peaks inside a step (the learner's activations, the generator's KV cache fill)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB

@@ -90,11 +90,13 @@ class Generator:
     ) -> tuple[RolloutBatch, dict[str, float]]:
         """B prompts -> RolloutBatch of B*n responses (group-major) and timing stats."""
         t0 = time.perf_counter()
+        max_tokens = max_new_tokens or self.cfg.max_new_tokens
         params = self._sampling_cls(
             n=n,
             temperature=temperature if temperature is not None else self.cfg.temperature,
             top_p=self.cfg.top_p,
-            max_tokens=max_new_tokens or self.cfg.max_new_tokens,
+            max_tokens=max_tokens,
+            min_tokens=min(self.cfg.min_new_tokens, max_tokens),
             logprobs=0,
             flat_logprobs=True,
             ignore_eos=ignore_eos,

@@ -21,6 +21,24 @@ SIZES = {
         num_key_value_heads=6,
         vocab_size=18,
     ),
+    # the scaling sweep's wider models (bench_scaling.py): same vocabulary and head_dim 32, ~6x and ~22x
+    # the tiny model's parameters, so the sweep shows how each system's cost grows with the matmuls
+    "10m": dict(
+        hidden_size=384,
+        intermediate_size=1024,
+        num_hidden_layers=6,
+        num_attention_heads=12,
+        num_key_value_heads=12,
+        vocab_size=18,
+    ),
+    "40m": dict(
+        hidden_size=640,
+        intermediate_size=1728,
+        num_hidden_layers=8,
+        num_attention_heads=20,
+        num_key_value_heads=20,
+        vocab_size=18,
+    ),
     # ~0.5B parameters, Qwen2.5-0.5B-like shape (vocab 151,936, tied embeddings)
     "0.5b": dict(
         hidden_size=896,
@@ -33,17 +51,18 @@ SIZES = {
 }
 
 
-def build_random_model(size: str, out_dir: str | Path) -> Path:
+def build_random_model(size: str, out_dir: str | Path, *, max_positions: int = 512) -> Path:
+    """``max_positions``: prompt + response tokens the model (and its tokenizer) accept."""
     out = Path(out_dir)
     if (out / "config.json").exists():
         return out
     out.mkdir(parents=True, exist_ok=True)
-    tok = build_char_tokenizer(SYMBOLS, max_length=512)
+    tok = build_char_tokenizer(SYMBOLS, max_length=max_positions)
     tok.save_pretrained(out)
     spec = dict(SIZES[size])
     cfg = LlamaConfig(
         **spec,
-        max_position_embeddings=512,
+        max_position_embeddings=max_positions,
         tie_word_embeddings=True,
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,

@@ -33,7 +33,23 @@ COVRL_MODES = {
 BF16 = ["learner.dtype=bfloat16", "generator.engine_kwargs={dtype: bfloat16}"]
 
 
-def run_covrl(steps: int, out: Path, extra: list[str]) -> dict[str, float]:
+def run_covrl(
+    steps: int,
+    out: Path,
+    extra: list[str],
+    *,
+    prompts: int = PROMPTS,
+    group: int = GROUP,
+    max_new: int = MAX_NEW,
+    model_path: str | None = None,
+    fixed_length: bool = False,
+    evaluate: bool = True,
+) -> dict:
+    """One covrl training run in this process. ``model_path``: a model directory (None = the embedded
+    tiny model); ``fixed_length``: every response is ``max_new`` tokens (EOS masked until then);
+    ``evaluate=False``: the start/end evaluation shrinks to one sample (random-weight models have nothing
+    to measure, and at long lengths it would cost more than the steps). ``rows`` holds the per-step
+    metrics (time/*, rss per role) for callers that split the step by role."""
     from pipeline.train import main as train_main
 
     sets = [
@@ -42,15 +58,22 @@ def run_covrl(steps: int, out: Path, extra: list[str]) -> dict[str, float]:
         "schedule.checkpoint_every=0",
         f"run_dir={out}",
         "metrics.tensorboard=false",
-        f"schedule.prompts_per_step={PROMPTS}",
-        f"schedule.group_size={GROUP}",
-        f"generator.max_new_tokens={MAX_NEW}",
+        f"schedule.prompts_per_step={prompts}",
+        f"schedule.group_size={group}",
+        f"generator.max_new_tokens={max_new}",
         f"learner.mini_batches={UPDATES}",
         f"learner.lr={LR}",
         # TRL does not measure the entropy after each update; covrl's entropy-dynamics metric is opt-in here
         "learner.measure_entropy_change_every=0",
         *extra,
     ]
+    if model_path is not None:
+        # prompts are < 32 tokens; the KV cache must hold a whole batch at long lengths
+        sets += [f"model.path={model_path}", f"generator.max_model_len={max_new + 32}"]
+    if fixed_length:
+        sets.append(f"generator.min_new_tokens={max_new}")
+    if not evaluate:
+        sets += ["schedule.eval_prompts=1", "schedule.eval_samples=1"]
     t0 = time.perf_counter()
     assert train_main([x for s in sets for x in ("--set", s)]) == 0
     wall = time.perf_counter() - t0
@@ -59,13 +82,69 @@ def run_covrl(steps: int, out: Path, extra: list[str]) -> dict[str, float]:
     return {
         "train_s": train_s,
         "wall_s": wall,
-        "samples_per_s": steps * PROMPTS * GROUP / train_s,
+        "samples_per_s": steps * prompts * group / train_s,
         "pass@1_before": rows[0]["eval/pass@1"],
         "pass@1_after": rows[-1]["final/pass@1"],
+        "rows": rows,
     }
 
 
-def run_trl(steps: int, model_path: str, out: Path, bf16: bool) -> dict[str, float]:
+class _TRLClock:
+    """Per-RL-step wall time of a GRPOTrainer, split into generation (HF generate), reward scoring and the
+    rest (old log-probs, the updates, the optimizer and the trainer's own bookkeeping, which TRL does not
+    separate). Wraps the trainer's methods by name, so it reads nothing TRL does not already call."""
+
+    def __init__(self, trainer, updates: int) -> None:
+        self.updates, self.steps, self._t = updates, [], {"generate": 0.0, "verify": 0.0}
+        for name, key in (("_generate_single_turn", "generate"), ("_calculate_rewards", "verify")):
+            setattr(trainer, name, self._timed(getattr(trainer, name), key))
+
+    def _timed(self, fn, key):
+        def wrapper(*a, **k):
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                self._t[key] += time.perf_counter() - t0
+
+        return wrapper
+
+    def callback(self):
+        from transformers import TrainerCallback
+
+        clock = self
+
+        class _Cb(TrainerCallback):
+            def on_train_begin(self, *a, **k):
+                clock._start, clock._cpu = time.perf_counter(), time.process_time()
+
+            def on_step_end(self, args, state, *a, **k):
+                # one RL step = `updates` optimizer steps over one generation batch
+                if state.global_step % clock.updates == 0:
+                    now = time.perf_counter()
+                    step = {"wall": now - clock._start, **clock._t}
+                    step["learner"] = step["wall"] - step["generate"] - step["verify"]
+                    step["cpu"] = time.process_time() - clock._cpu  # every thread of the one process
+                    clock.steps.append(step)
+                    clock._start, clock._t = now, {"generate": 0.0, "verify": 0.0}
+                    clock._cpu = time.process_time()
+
+        return _Cb()
+
+
+def run_trl(
+    steps: int,
+    model_path: str,
+    out: Path,
+    bf16: bool,
+    *,
+    prompts: int = PROMPTS,
+    group: int = GROUP,
+    max_new: int = MAX_NEW,
+    fixed_length: bool = False,
+    evaluate: bool = True,
+) -> dict:
+    """TRL's GRPOTrainer on the same job; ``steps`` (a list of per-RL-step timings) as from ``_TRLClock``."""
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -77,7 +156,7 @@ def run_trl(steps: int, model_path: str, out: Path, bf16: bool) -> dict[str, flo
 
     torch.set_num_threads(2)
     task = SyntheticTaskConfig()
-    train = make_rows(task, "train")[: steps * PROMPTS]
+    train = make_rows(task, "train")[: steps * prompts]
     held_out = make_rows(task, "eval")[:256]
     data = Dataset.from_list([{"prompt": r["prompt"], "ground_truth": r["ground_truth"]} for r in train])
 
@@ -93,10 +172,12 @@ def run_trl(steps: int, model_path: str, out: Path, bf16: bool) -> dict[str, flo
         report_to="none",
         logging_steps=1,
         save_strategy="no",
-        per_device_train_batch_size=PROMPTS * GROUP // UPDATES,
+        per_device_train_batch_size=prompts * group // UPDATES,
         steps_per_generation=UPDATES,
-        num_generations=GROUP,
-        max_completion_length=MAX_NEW,
+        num_generations=group,
+        max_completion_length=max_new,
+        # HF generate's counterpart of covrl's generator.min_new_tokens (vLLM's min_tokens)
+        generation_kwargs={"min_new_tokens": max_new} if fixed_length else None,
         temperature=1.0,
         learning_rate=LR,
         lr_scheduler_type="constant",
@@ -112,12 +193,21 @@ def run_trl(steps: int, model_path: str, out: Path, bf16: bool) -> dict[str, flo
     trainer = GRPOTrainer(
         model=model, reward_funcs=reward, args=args, train_dataset=data, processing_class=tok
     )
+    clock = _TRLClock(trainer, UPDATES)
+    trainer.add_callback(clock.callback())
     t0 = time.perf_counter()
     trainer.train()
     train_s = time.perf_counter() - t0
     model = trainer.model.eval()
-    acc_after = evaluate_pass_at_1(model, tok, held_out, max_new_tokens=MAX_NEW, temperature=1.0)
-    return {"train_s": train_s, "samples_per_s": steps * PROMPTS * GROUP / train_s, "pass@1_after": acc_after}
+    acc_after = (
+        evaluate_pass_at_1(model, tok, held_out, max_new_tokens=max_new, temperature=1.0) if evaluate else 0.0
+    )
+    return {
+        "train_s": train_s,
+        "samples_per_s": steps * prompts * group / train_s,
+        "pass@1_after": acc_after,
+        "steps": clock.steps,
+    }
 
 
 def main() -> None:

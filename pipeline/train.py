@@ -209,6 +209,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     started_ray = not ray.is_initialized()
     if started_ray:
+        if cfg.ray.address is None:  # the raylet reads it when it starts its workers
+            nice = cfg.ray.worker_niceness
+            os.environ["RAY_worker_niceness"] = str(os.nice(0) if nice is None else nice)
         ray.init(
             address=cfg.ray.address,
             num_cpus=cfg.ray.num_cpus if cfg.ray.address is None else None,

@@ -96,6 +96,12 @@ class GeneratorConfig(Strict):
     )
     top_p: float = Field(1.0, gt=0, le=1)
     max_new_tokens: int = Field(48, ge=1)
+    min_new_tokens: int = Field(
+        0,
+        ge=0,
+        description="EOS is masked until a response has this many tokens (vLLM's min_tokens, HF's "
+        "min_new_tokens); 0 = off. Benchmarks set it to max_new_tokens for fixed-length responses.",
+    )
     max_model_len: int = Field(256, ge=16)
     tensor_parallel_size: int = Field(1, ge=1, description="vLLM tensor parallel per replica (GPU).")
     kv_cache_gib: float = Field(1.0, gt=0, description="CPU KV-cache size (VLLM_CPU_KVCACHE_SPACE).")
@@ -280,6 +286,14 @@ class RayConfig(Strict):
     )
     num_cpus: int | None = Field(None, ge=1, description="CPUs of a local cluster (None = Ray's default).")
     namespace: str = "covrl"
+    worker_niceness: int | None = Field(
+        None,
+        ge=-20,
+        le=19,
+        description="Niceness of the role processes of a local cluster. None = the driver's own: Ray's "
+        "default (15) makes every role yield to any other process, so on a shared machine (a laptop, CI) "
+        "covrl ran at the lowest priority of anything there (bench/README.md).",
+    )
 
 
 class WeightSyncConfig(Strict):
