@@ -1,0 +1,200 @@
+"""Peak memory and time of one learner step: gradient checkpointing on vs off, side by side; with
+``--validate``, the measured peaks against `covrl plan`'s estimate (pipeline/driver/memory_plan.py).
+
+Every measurement runs in a fresh subprocess (no allocator cache or earlier peak leaks between variants):
+the child imports everything, reads its RSS as the baseline, builds the learner, runs one
+``train_step`` (old log-probs, one mini-batch update, optimizer step) and reports ``ru_maxrss`` minus the
+baseline, the step's seconds and a checksum of the updated parameters (equal on and off: same update).
+
+``--engine deepspeed`` (default) is the real learner (``actors.learner.Learner``, one rank, ZeRO as set);
+``--engine core`` is ``pipeline.core.ppo_update`` with plain SGD (no DeepSpeed: quicker to start; what the
+unit test uses to check that checkpointing lowers the peak).
+
+    .venv/bin/python bench/bench_learner_memory.py [--size act] [--rows 4] [--prompt 16] [--response 496] [--repeats 3]
+    .venv/bin/python bench/bench_learner_memory.py --validate
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+GIB = 2**30
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def model_dir(size: str, max_positions: int) -> Path:
+    from bench._models import build_random_model
+
+    return build_random_model(
+        size, Path(tempfile.gettempdir()) / f"covrl-bench-{size}-{max_positions}", max_positions=max_positions
+    )
+
+
+def _warm_up(build) -> None:
+    """One forward/backward of a throwaway model: torch's first autograd and kernel set-up (~70 MiB of RSS)
+    then lands before the baseline, not in the step's peak."""
+    model = build()
+    model.train()
+    model(input_ids=__import__("torch").randint(4, 18, (1, 8))).logits.sum().backward()
+
+
+def child(args) -> None:
+    import resource
+
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from actors.learner import Learner
+    from pipeline.core.model_forward import enable_gradient_checkpointing
+    from pipeline.core.ppo_update import ppo_update
+    from schemas.run_config import AlgorithmConfig, LearnerConfig
+    from tests.helpers import SGDTrainable, synthetic_train_batch, tiny_model
+
+    torch.set_num_threads(args.threads)
+    batch = synthetic_train_batch(
+        args.rows,
+        prompt_len=(args.prompt, args.prompt + 1),
+        response_len=(args.response, args.response + 1),
+        vocab=(4, 18),
+        group_size=args.rows,
+    )
+    cfg = LearnerConfig(
+        mini_batches=1,
+        micro_batch_size=args.rows,
+        gradient_checkpointing=bool(args.checkpointing),
+        zero_stage=args.zero_stage,
+        dtype=args.dtype,
+        threads=args.threads,
+        lr=1e-3,
+    )
+    _warm_up(tiny_model)
+    base = _rss_bytes()
+    if args.engine == "deepspeed":
+        learner = Learner(cfg, AlgorithmConfig(), args.model, master_port=args.port)
+        module = learner.engine.module
+        t0 = time.perf_counter()
+        learner.train_step(batch, step=1)
+    else:
+        module = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+        if args.checkpointing:
+            enable_gradient_checkpointing(module)
+        t0 = time.perf_counter()
+        ppo_update(
+            SGDTrainable(module, lr=1e-2),
+            batch,
+            algo=AlgorithmConfig(),
+            learner=cfg,
+            temperature=1.0,
+            seed=0,
+        )
+    secs = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    checksum = float(sum(np.float64(p.detach().float().abs().sum()) for p in module.parameters()))
+    out = {"peak_bytes": max(0, peak - base), "seconds": secs, "checksum": checksum}
+    print(json.dumps(out | {"checkpointing": bool(getattr(module, "is_gradient_checkpointing", False))}))
+
+
+def run_child(
+    model: Path,
+    *,
+    rows: int,
+    prompt: int,
+    response: int,
+    checkpointing: bool,
+    engine: str = "deepspeed",
+    zero_stage: int = 2,
+    dtype: str = "float32",
+    threads: int = 1,
+    port: int = 29641,
+) -> dict:
+    cmd = [sys.executable, __file__, "--child", "--model", str(model), "--engine", engine]
+    cmd += ["--rows", str(rows), "--prompt", str(prompt), "--response", str(response)]
+    cmd += ["--checkpointing", str(int(checkpointing)), "--zero-stage", str(zero_stage), "--dtype", dtype]
+    cmd += ["--threads", str(threads), "--port", str(port)]
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1")
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
+    if out.returncode != 0:
+        raise RuntimeError(f"child failed ({' '.join(cmd)}):\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def compare_checkpointing(args) -> None:
+    model = model_dir(args.size, args.prompt + args.response + 8)
+    runs: dict[bool, list[dict]] = {False: [], True: []}
+    for _ in range(args.repeats):
+        for on in (False, True):  # interleaved: drift on a shared box hits both alike
+            runs[on].append(
+                run_child(
+                    model,
+                    rows=args.rows,
+                    prompt=args.prompt,
+                    response=args.response,
+                    checkpointing=on,
+                    dtype=args.dtype,
+                    threads=args.threads,
+                )
+            )
+    sums = {r["checksum"] for rs in runs.values() for r in rs}
+    tokens = args.rows * (args.prompt + args.response)
+    print(
+        f"model {args.size}, {args.rows} x {args.prompt + args.response} tokens ({tokens}), {args.dtype}, "
+        f"{args.threads} threads, {args.repeats} repeats; parameter checksums after the step: {sorted(sums)}"
+    )
+    print(f"{'checkpointing':14}{'peak MiB min':>14}{'median':>9}{'step s min':>12}{'median':>9}")
+    for on, rs in runs.items():
+        peaks = [r["peak_bytes"] / 2**20 for r in rs]
+        secs = [r["seconds"] for r in rs]
+        print(
+            f"{'on' if on else 'off':14}{min(peaks):14.0f}{statistics.median(peaks):9.0f}"
+            f"{min(secs):12.2f}{statistics.median(secs):9.2f}"
+        )
+    off, on = runs[False], runs[True]
+    print(
+        f"on/off: peak {min(r['peak_bytes'] for r in on) / min(r['peak_bytes'] for r in off):.2f}x (min), "
+        f"time {min(r['seconds'] for r in on) / min(r['seconds'] for r in off):.2f}x (min), "
+        f"{statistics.median(r['seconds'] for r in on) / statistics.median(r['seconds'] for r in off):.2f}x (median)"
+    )
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--child", action="store_true")
+    ap.add_argument("--validate", action="store_true", help="measured peaks vs covrl plan's estimate")
+    ap.add_argument("--model")
+    ap.add_argument("--engine", choices=("deepspeed", "core"), default="deepspeed")
+    ap.add_argument("--size", default="act", help="bench/_models.py SIZES key")
+    ap.add_argument("--rows", type=int, default=4)
+    ap.add_argument("--prompt", type=int, default=16)
+    ap.add_argument("--response", type=int, default=496)
+    ap.add_argument("--checkpointing", type=int, default=0)
+    ap.add_argument("--zero-stage", type=int, default=2)
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--port", type=int, default=29641)
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    if args.child:
+        child(args)
+    else:
+        compare_checkpointing(args)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
