@@ -83,6 +83,8 @@ def child(args) -> None:
         threads=args.threads,
         lr=1e-3,
     )
+    if args.engine == "deepspeed":
+        import deepspeed  # noqa: F401  (the learner imports it on start; the library is not the step's memory)
     _warm_up(tiny_model)
     base = _rss_bytes()
     if args.engine == "deepspeed":
@@ -110,6 +112,14 @@ def child(args) -> None:
     print(json.dumps(out | {"checkpointing": bool(getattr(module, "is_gradient_checkpointing", False))}))
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def run_child(
     model: Path,
     *,
@@ -121,12 +131,11 @@ def run_child(
     zero_stage: int = 2,
     dtype: str = "float32",
     threads: int = 1,
-    port: int = 29641,
 ) -> dict:
     cmd = [sys.executable, __file__, "--child", "--model", str(model), "--engine", engine]
     cmd += ["--rows", str(rows), "--prompt", str(prompt), "--response", str(response)]
     cmd += ["--checkpointing", str(int(checkpointing)), "--zero-stage", str(zero_stage), "--dtype", dtype]
-    cmd += ["--threads", str(threads), "--port", str(port)]
+    cmd += ["--threads", str(threads), "--port", str(_free_port())]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1")
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
     if out.returncode != 0:
@@ -172,6 +181,62 @@ def compare_checkpointing(args) -> None:
     )
 
 
+#: (model size, dtype, ZeRO stage, rows, prompt tokens, response tokens): the CPU default (fp32, tiny) and the
+#: GPU presets' precision (bf16) on Qwen2.5-0.5B's block and vocabulary, at several sequence lengths.
+VALIDATION_CASES = [
+    ("tiny", "float32", 2, 4, 64, 64),
+    ("tiny", "float32", 2, 4, 192, 320),
+    ("tiny", "float32", 2, 8, 192, 320),
+    ("0.5b-4l", "bfloat16", 2, 2, 128, 128),
+    ("0.5b-4l", "bfloat16", 2, 2, 384, 128),
+    ("0.5b-4l", "bfloat16", 2, 2, 896, 128),
+    ("0.5b-4l", "bfloat16", 3, 2, 384, 128),
+]
+
+
+def estimate(
+    model: Path, *, dtype: str, zero_stage: int, rows: int, prompt: int, response: int, on: bool
+) -> int:
+    """`covrl plan`'s learner estimate for the child's step (same config as the child runs)."""
+    from pipeline.core.memory_estimate import GIB
+    from pipeline.driver.config_io import load_config
+    from pipeline.driver.memory_plan import learner_memory, resolve_arch
+
+    sets = [f"model.path={model}", f"learner.dtype={dtype}", f"learner.zero_stage={zero_stage}"]
+    sets += [
+        f"learner.micro_batch_size={rows}",
+        "learner.mini_batches=1",
+        f"learner.gradient_checkpointing={on}",
+    ]
+    sets += ["schedule.prompts_per_step=1", f"schedule.group_size={rows}", f"data.max_prompt_tokens={prompt}"]
+    sets += [f"generator.max_new_tokens={response}", f"generator.max_model_len={prompt + response}"]
+    cfg = load_config(None, sets)
+    arch, _ = resolve_arch(cfg)
+    return learner_memory(cfg, arch, 80 * GIB).total
+
+
+def validate(args) -> None:
+    print(
+        "one learner step (old log-probs + one update + AdamW step), 1 rank, peak RSS over the RSS after imports"
+    )
+    print(f"{'model':9}{'dtype':>10}{'ZeRO':>5}{'rows x tokens':>15}{'ckpt':>6}{'estimate MiB':>14}"
+          f"{'measured MiB':>14}{'error':>8}")  # fmt: skip
+    for size, dtype, stage, rows, prompt, response in VALIDATION_CASES:
+        model = model_dir(size, prompt + response + 8)
+        for on in (False, True):
+            got = run_child(model, rows=rows, prompt=prompt, response=response, checkpointing=on, dtype=dtype,
+                            zero_stage=stage, threads=args.threads)  # fmt: skip
+            est = estimate(
+                model, dtype=dtype, zero_stage=stage, rows=rows, prompt=prompt, response=response, on=on
+            )
+            err = est / got["peak_bytes"] - 1
+            print(
+                f"{size:9}{dtype:>10}{stage:>5}{f'{rows} x {prompt + response}':>15}{'on' if on else 'off':>6}"
+                f"{est / 2**20:14.0f}{got['peak_bytes'] / 2**20:14.0f}{err:+8.0%}",
+                flush=True,
+            )
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--child", action="store_true")
@@ -186,11 +251,13 @@ def main() -> int:
     ap.add_argument("--zero-stage", type=int, default=2)
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--port", type=int, default=29641)
+    ap.add_argument("--port", type=int, help="(child) DeepSpeed rendezvous port")
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
     if args.child:
         child(args)
+    elif args.validate:
+        validate(args)
     else:
         compare_checkpointing(args)
     return 0

@@ -40,6 +40,9 @@ GPUS_PER_NODE = 8
 #: (~1 GiB), plus the activations of its profiling batch (below). vLLM measures the real value at start.
 VLLM_FIXED_RESERVE = GIB
 VLLM_DEFAULT_BATCHED_TOKENS = 8192
+#: A learner process's memory besides tensors: on a GPU the CUDA context, NCCL's buffers and allocator slack
+#: (assumed); on the host DeepSpeed's shared-memory comm workspace and gloo (measured: ~0.1 GiB, docs/deploy.md).
+LEARNER_RUNTIME = {"GPU": GIB, "host": GIB // 10}
 VLLM_DEFAULT_MAX_SEQS = 256
 
 
@@ -160,7 +163,11 @@ def learner_memory(cfg: RunConfig, arch: ModelArch, gpu_bytes: int) -> RoleMemor
     if cfg.weight_sync.method == "collective":
         parts["weight-sync bucket"] = int(cfg.weight_sync.bucket_mb * 2**20)
     gpu = _gpus(lc.resources) > 0
-    role = RoleMemory("learner", "GPU" if gpu else "host", parts, capacity=gpu_bytes if gpu else None)
+    device = "GPU" if gpu else "host"
+    parts["runtime (CUDA context, NCCL)" if gpu else "runtime (DeepSpeed comm workspace, gloo)"] = (
+        LEARNER_RUNTIME[device]
+    )
+    role = RoleMemory("learner", device, parts, capacity=gpu_bytes if gpu else None)
     ck = "on" if lc.gradient_checkpointing else "off"
     role.notes.append(
         f"{lc.ranks} rank(s), ZeRO-{lc.zero_stage}, {lc.dtype}, micro-batch {rows} x {seq_len} tokens "

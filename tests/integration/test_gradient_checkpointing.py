@@ -34,7 +34,7 @@ def test_checkpointing_lowers_the_peak_and_keeps_the_update(act_model):
 
 def test_the_deepspeed_learner_applies_it_with_the_same_update(act_model):
     shape = dict(rows=2, prompt=16, response=112)
-    off = run_child(act_model, checkpointing=False, port=29661, **shape)
-    on = run_child(act_model, checkpointing=True, port=29662, **shape)
+    off = run_child(act_model, checkpointing=False, **shape)
+    on = run_child(act_model, checkpointing=True, **shape)
     assert on["checksum"] == pytest.approx(off["checksum"], rel=1e-6)
     assert on["checkpointing"] and not off["checkpointing"]
