@@ -29,13 +29,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-GIB = 2**30
-
-
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
 
 def model_dir(size: str, max_positions: int) -> Path:
     from bench._models import build_random_model
@@ -61,6 +54,7 @@ def child(args) -> None:
     from transformers import AutoModelForCausalLM
 
     from actors.learner import Learner
+    from bench.bench_entropy_memory import _rss_bytes
     from pipeline.core.model_forward import enable_gradient_checkpointing
     from pipeline.core.ppo_update import ppo_update
     from schemas.run_config import AlgorithmConfig, LearnerConfig
