@@ -31,11 +31,11 @@ SIZES = {
         vocab_size=18,
     ),
     # Qwen2.5-0.5B's block and vocabulary (hidden 896, 14 heads / 2 KV heads, MLP 4864, vocab 151,936, tied)
-    # with 4 of its 24 blocks: memory checks of the 0.5B shape within a few GiB of a shared 2-core box
-    "0.5b-4l": dict(
+    # with 2 of its 24 blocks: memory checks of the 0.5B shape within a few GiB of a shared 2-core box
+    "0.5b-2l": dict(
         hidden_size=896,
         intermediate_size=4864,
-        num_hidden_layers=4,
+        num_hidden_layers=2,
         num_attention_heads=14,
         num_key_value_heads=2,
         vocab_size=151_936,

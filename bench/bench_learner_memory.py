@@ -175,16 +175,16 @@ def compare_checkpointing(args) -> None:
     )
 
 
-#: (model size, dtype, ZeRO stage, rows, prompt tokens, response tokens): the CPU default (fp32, tiny) and the
-#: GPU presets' precision (bf16) on Qwen2.5-0.5B's block and vocabulary, at several sequence lengths.
+#: (model size, dtype, ZeRO stage, rows, prompt tokens, response tokens): the CPU default (fp32) on the tiny
+#: architecture and on Qwen2.5-0.5B's block and vocabulary, at several sequence lengths. (bf16 is not run: the
+#: LM head's bf16 backward falls back to torch's reference CPU GEMM here, far too slow on a shared box.)
 VALIDATION_CASES = [
     ("tiny", "float32", 2, 4, 64, 64),
     ("tiny", "float32", 2, 4, 192, 320),
     ("tiny", "float32", 2, 8, 192, 320),
-    ("0.5b-4l", "bfloat16", 2, 2, 128, 128),
-    ("0.5b-4l", "bfloat16", 2, 2, 384, 128),
-    ("0.5b-4l", "bfloat16", 2, 2, 896, 128),
-    ("0.5b-4l", "bfloat16", 3, 2, 384, 128),
+    ("tiny", "float32", 3, 4, 192, 320),
+    ("0.5b-2l", "float32", 2, 2, 192, 64),
+    ("0.5b-2l", "float32", 2, 2, 960, 64),
 ]
 
 

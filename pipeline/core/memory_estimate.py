@@ -68,7 +68,9 @@ class ModelArch:
     def describe(self) -> str:
         return (
             f"hidden {self.hidden}, {self.layers} layers, {self.heads} heads / {self.kv_heads} KV heads, "
-            f"MLP {self.intermediate}, vocab {self.vocab}; {self.params / 1e9:.2f}B parameters"
+            f"MLP {self.intermediate}, vocab {self.vocab}; "
+            + (f"{self.params / 1e9:.2f}B" if self.params >= 1e8 else f"{self.params / 1e6:.1f}M")
+            + " parameters"
         )
 
 

@@ -279,8 +279,8 @@ def format_plan(plan: MemoryPlan, cfg: RunConfig) -> str:
         f"GPU memory: {_gib(plan.gpu_bytes)} GiB per GPU",
     ]
     for role in plan.roles:
-        where = "per GPU" if role.device == "GPU" else "host memory per replica (not checked)"
-        lines.append(f"\n{role.role} ({where})")
+        where = "per GPU" if role.device == "GPU" else "host memory per replica, not checked against a device"
+        lines.append(f"\n{role.role}: {where}")
         lines += [f"  {n}" for n in role.notes]
         width = max(len(k) for k in role.parts)
         lines += [f"    {k:<{width}}  {_gib(v):>8} GiB" for k, v in role.parts.items()]

@@ -105,7 +105,8 @@ def test_an_unknown_model_without_config_is_named():
 def test_the_default_cpu_job_is_planned_on_the_host(capsys):
     assert main([]) == 0
     out = capsys.readouterr().out
-    assert "learner (host memory per replica (not checked))" in out and "embedded tiny" in out
+    assert "learner: host memory per replica, not checked against a device" in out and "embedded tiny" in out
+    assert "1.8M parameters" in out
 
 
 def test_bad_gpu_memory_is_named(capsys):
