@@ -131,7 +131,7 @@ def model_states_bytes(
 
     Those assume 16-bit parameters and gradients with fp32 master weights and Adam moments. Adjusted for what
     they do not cover: ZeRO-1 keeps every gradient (DeepSpeed has no stage-1 estimator), fp32 training keeps
-    4-byte parameters and gradients, and stages 1-2 stage gradients in a reduction bucket of up to
+    4-byte parameters and gradients, and stages 1-2 reduce gradients through a bucket of up to
     ``REDUCE_BUCKET`` elements."""
     from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
     from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
@@ -155,7 +155,14 @@ def model_states_bytes(
             out["unpartitioned gradients (ZeRO-1)"] = 2 * p - 2 * p // total_gpus
         if dtype == "float32":
             out["fp32 parameters and gradients"] = 2 * p + (2 * p if zero_stage == 1 else 2 * p // total_gpus)
-        out["reduction bucket"] = min(REDUCE_BUCKET, p) * (4 if dtype == "float32" or zero_stage == 1 else 2)
+        # ZeRO-2's gradients live in the bucket (contiguous_gradients): it only adds what exceeds the rank's own
+        # gradient partition. ZeRO-1 stages them in fp32 besides the 16-bit gradients.
+        bucket = min(REDUCE_BUCKET, p)
+        extra = (
+            bucket * 4 if zero_stage == 1 else (bucket - p // total_gpus) * (4 if dtype == "float32" else 2)
+        )
+        if extra > 0:
+            out["reduction bucket"] = extra
     return out
 
 

@@ -16,8 +16,8 @@ token (the same either way). The padding mask is (b, 1, L, L) booleans.
 
 The LM head (pipeline/core/logprobs.py): with the LM head whole (ZeRO <= 2) only the response positions'
 hidden states go through it, ``chunk`` rows at a time, so the head costs those hidden states, a few
-(chunk x V) fp32 buffers and, in backward, the head's gradient in fp32 plus its cast. Under ZeRO-3 the
-model computes full logits (b x L x V at ``a``), the response rows are gathered (R x V) and backward holds
+(chunk x V) fp32 buffers and, in backward, the head's gradient in fp32 (plus its cast to a 16-bit weight).
+Under ZeRO-3 the model computes full logits (b x L x V at ``a``), the response rows are gathered (R x V) and backward holds
 their gradient and the full logits' gradient.
 """
 
@@ -144,7 +144,7 @@ def head_bytes(
     picked = response_tokens * h * a
     if not backward:
         return picked + chunks
-    return 2 * picked + chunks + v * h * (4 + a)
+    return 2 * picked + chunks + v * h * (4 + (a if a != 4 else 0))  # fp32 head gradient, then its cast
 
 
 @dataclass(frozen=True)

@@ -62,9 +62,9 @@ def make_micro_batch(batch: TrainBatch, rows: np.ndarray, *, pad_id: int = 0) ->
 def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
     """Hugging Face's activation checkpointing of every transformer block, non-reentrant.
 
-    Non-reentrant because the loss forward calls ``model.base_model`` directly and its inputs (token ids)
-    need no gradient: the reentrant variant would then drop every parameter gradient. The switch only acts
-    in training mode (``ppo_update`` puts the model in train mode for the loss forwards; its no-grad passes
+    Non-reentrant: PyTorch's recommended variant, which recomputes through ordinary autograd (so the
+    gradient hooks DeepSpeed puts on parameters fire as without checkpointing) and accepts the keyword
+    arguments HF passes to each block. The switch only acts in training mode (``ppo_update`` puts the model in train mode for the loss forwards; its no-grad passes
     run in eval mode and store nothing anyway)."""
     if not getattr(model, "supports_gradient_checkpointing", False):
         raise ValueError(
