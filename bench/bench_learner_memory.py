@@ -85,7 +85,8 @@ def child(args) -> None:
         learner = Learner(cfg, AlgorithmConfig(), args.model, master_port=args.port)
         module = learner.engine.module
         t0 = time.perf_counter()
-        learner.train_step(batch, step=1)
+        for step in range(1, args.steps + 1):
+            learner.train_step(batch, step=step)
     else:
         module = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
         if args.checkpointing:
@@ -125,11 +126,12 @@ def run_child(
     zero_stage: int = 2,
     dtype: str = "float32",
     threads: int = 1,
+    steps: int = 1,
 ) -> dict:
     cmd = [sys.executable, __file__, "--child", "--model", str(model), "--engine", engine]
     cmd += ["--rows", str(rows), "--prompt", str(prompt), "--response", str(response)]
     cmd += ["--checkpointing", str(int(checkpointing)), "--zero-stage", str(zero_stage), "--dtype", dtype]
-    cmd += ["--threads", str(threads), "--port", str(_free_port())]
+    cmd += ["--threads", str(threads), "--port", str(_free_port()), "--steps", str(steps)]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1")
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
     if out.returncode != 0:
@@ -211,15 +213,18 @@ def estimate(
 
 def validate(args) -> None:
     print(
-        "one learner step (old log-probs + one update + AdamW step), 1 rank, peak RSS over the RSS after imports"
+        f"{args.steps} learner step(s) (each: old log-probs + one update + AdamW step), 1 rank, "
+        "peak RSS over the RSS after imports"
     )
     print(f"{'model':9}{'dtype':>10}{'ZeRO':>5}{'rows x tokens':>15}{'ckpt':>6}{'estimate MiB':>14}"
           f"{'measured MiB':>14}{'error':>8}")  # fmt: skip
     for size, dtype, stage, rows, prompt, response in VALIDATION_CASES:
+        if args.only and size != args.only:
+            continue
         model = model_dir(size, prompt + response + 8)
         for on in (False, True):
             got = run_child(model, rows=rows, prompt=prompt, response=response, checkpointing=on, dtype=dtype,
-                            zero_stage=stage, threads=args.threads)  # fmt: skip
+                            zero_stage=stage, threads=args.threads, steps=args.steps)  # fmt: skip
             est = estimate(
                 model, dtype=dtype, zero_stage=stage, rows=rows, prompt=prompt, response=response, on=on
             )
@@ -247,6 +252,14 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--port", type=int, help="(child) DeepSpeed rendezvous port")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument(
+        "--steps",
+        type=int,
+        default=1,
+        help="learner steps per child; AdamW allocates its moments in the first step, so 2 shows the steady "
+        "state (moments and activations alive together)",
+    )
+    ap.add_argument("--only", help="--validate: only the cases of this model size")
     args = ap.parse_args()
     if args.child:
         child(args)
