@@ -112,6 +112,60 @@ def deepspeed_config(cfg: LearnerConfig) -> dict[str, Any]:
     return conf
 
 
+#: DeepSpeed's default gradient-reduction bucket (``zero_optimization.reduce_bucket_size``, elements); the
+#: learner keeps the default.
+REDUCE_BUCKET = 500_000_000
+
+
+def model_states_bytes(
+    total_params: int,
+    largest_layer_params: int,
+    *,
+    zero_stage: int,
+    ranks: int,
+    ranks_per_node: int,
+    dtype: str,
+) -> dict[str, int]:
+    """Per-rank bytes of parameters, gradients and optimizer state (AdamW), from DeepSpeed's own estimators
+    (no offload): ``estimate_zero2_model_states_mem_needs`` / ``estimate_zero3_model_states_mem_needs``.
+
+    Those assume 16-bit parameters and gradients with fp32 master weights and Adam moments. Adjusted for what
+    they do not cover: ZeRO-1 keeps every gradient (DeepSpeed has no stage-1 estimator), fp32 training keeps
+    4-byte parameters and gradients, and stages 1-2 reduce gradients through a bucket of up to
+    ``REDUCE_BUCKET`` elements."""
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+    nodes = -(-ranks // ranks_per_node)
+    per_node = min(ranks, ranks_per_node)
+    total_gpus = nodes * per_node
+    p = total_params
+    out: dict[str, int] = {}
+    if zero_stage == 3:
+        _, states, _ = estimate_zero3_model_states_mem_needs(
+            p, largest_layer_params, per_node, nodes, cpu_offload=False, cpu_offload_params=False
+        )
+        out["deepspeed"] = int(states)
+        if dtype == "float32":
+            out["fp32 parameters and gradients"] = 4 * p // total_gpus
+    else:
+        _, states = estimate_zero2_model_states_mem_needs(p, per_node, nodes, cpu_offload=False)
+        out["deepspeed"] = int(states)
+        if zero_stage == 1:
+            out["unpartitioned gradients (ZeRO-1)"] = 2 * p - 2 * p // total_gpus
+        if dtype == "float32":
+            out["fp32 parameters and gradients"] = 2 * p + (2 * p if zero_stage == 1 else 2 * p // total_gpus)
+        # ZeRO-2's gradients live in the bucket (contiguous_gradients): it only adds what exceeds the rank's own
+        # gradient partition. ZeRO-1 stages them in fp32 besides the 16-bit gradients.
+        bucket = min(REDUCE_BUCKET, p)
+        extra = (
+            bucket * 4 if zero_stage == 1 else (bucket - p // total_gpus) * (4 if dtype == "float32" else 2)
+        )
+        if extra > 0:
+            out["reduction bucket"] = extra
+    return out
+
+
 class _EngineTrainable:
     """Adapter from a DeepSpeed engine to pipeline.core.ppo_update's Trainable protocol."""
 
@@ -166,6 +220,10 @@ class Learner:
         with bounded_build_locks(cfg.start_timeout_s):  # DeepSpeed may JIT-build ops in both calls
             deepspeed.init_distributed(dist_backend="nccl" if gpu else "gloo", auto_mpi_discovery=False)
             model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+            if cfg.gradient_checkpointing:
+                from pipeline.core.model_forward import enable_gradient_checkpointing
+
+                enable_gradient_checkpointing(model)
             self.engine, *_ = deepspeed.initialize(
                 model=model,
                 model_parameters=[p for p in model.parameters() if p.requires_grad],

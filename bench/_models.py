@@ -39,6 +39,25 @@ SIZES = {
         num_key_value_heads=20,
         vocab_size=18,
     ),
+    # activations dominate: small weights, many wide blocks (gradient-checkpointing memory checks)
+    "act": dict(
+        hidden_size=256,
+        intermediate_size=1024,
+        num_hidden_layers=8,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        vocab_size=18,
+    ),
+    # Qwen2.5-0.5B's block and vocabulary (hidden 896, 14 heads / 2 KV heads, MLP 4864, vocab 151,936, tied)
+    # with 2 of its 24 blocks: memory checks of the 0.5B shape within a few GiB of a shared 2-core box
+    "0.5b-2l": dict(
+        hidden_size=896,
+        intermediate_size=4864,
+        num_hidden_layers=2,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        vocab_size=151_936,
+    ),
     # ~0.5B parameters, Qwen2.5-0.5B-like shape (vocab 151,936, tied embeddings)
     "0.5b": dict(
         hidden_size=896,

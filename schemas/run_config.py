@@ -170,6 +170,13 @@ class LearnerConfig(Strict):
         "variable-length responses waste little compute on padding. With the default selection_scope "
         "(mini_batch) the update is the same either way.",
     )
+    gradient_checkpointing: bool = Field(
+        False,
+        description="Keep only each transformer block's input during the loss forward and recompute the block in "
+        "backward (Hugging Face's non-reentrant checkpointing): activation memory drops from every block's "
+        "intermediates to one block's, for about one extra forward of compute. Same update either way. "
+        "`covrl plan` shows the memory with and without it (docs/deploy.md).",
+    )
     selection_scope: Literal["mini_batch", "micro_batch"] = Field(
         "mini_batch",
         description="Where Clip-Cov/KL-Cov pick tokens: over the whole optimizer mini-batch across micro-batches "

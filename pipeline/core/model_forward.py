@@ -59,6 +59,20 @@ def make_micro_batch(batch: TrainBatch, rows: np.ndarray, *, pad_id: int = 0) ->
     )
 
 
+def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
+    """Hugging Face's activation checkpointing of every transformer block, non-reentrant.
+
+    Non-reentrant: PyTorch's recommended variant, which recomputes through ordinary autograd (so the
+    gradient hooks DeepSpeed puts on parameters fire as without checkpointing) and accepts the keyword
+    arguments HF passes to each block. The switch only acts in training mode (``ppo_update`` puts the model in train mode for the loss forwards; its no-grad passes
+    run in eval mode and store nothing anyway)."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ValueError(
+            f"learner.gradient_checkpointing: {type(model).__name__} does not support gradient checkpointing"
+        )
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def to_padded(flat: np.ndarray, mb: MicroBatch) -> torch.Tensor:
     """Flat per-response-token values (batch order) -> (b, R) float32, zeros at padding."""
     out = torch.zeros(mb.response_mask.shape, dtype=torch.float32)

@@ -202,3 +202,28 @@ def test_kl_cov_penalty_is_zero_on_the_first_update(micro):
     run_update(b, batch, "ppo", micro=micro, mini=1)
     for pa, pb in zip(a.parameters(), b.parameters()):
         torch.testing.assert_close(pa, pb, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("loss_name", ["ppo", "kl_cov"])
+def test_gradient_checkpointing_gives_the_same_update(loss_name):
+    from pipeline.core.model_forward import enable_gradient_checkpointing
+
+    batch = random_batch()
+    plain, ckpt = tiny_model(), tiny_model()
+    enable_gradient_checkpointing(ckpt)
+    assert ckpt.is_gradient_checkpointing and not plain.is_gradient_checkpointing
+    mp = run_update(plain, batch, loss_name, micro=5)
+    mc = run_update(ckpt, batch, loss_name, micro=5)
+    for a, b in zip(plain.parameters(), ckpt.parameters()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    assert mp["actor/loss"] == pytest.approx(mc["actor/loss"], rel=1e-5, abs=1e-7)
+    moved = sum((a - b).abs().sum() for a, b in zip(ckpt.parameters(), tiny_model().parameters()))
+    assert moved > 1e-3, "the update must actually change the weights"
+
+
+def test_gradient_checkpointing_names_the_field_for_a_model_without_it():
+    from pipeline.core.model_forward import enable_gradient_checkpointing
+    from tests.helpers import LookupPolicy
+
+    with pytest.raises(ValueError, match="learner.gradient_checkpointing: LookupPolicy"):
+        enable_gradient_checkpointing(LookupPolicy(8))
