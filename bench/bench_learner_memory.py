@@ -5,6 +5,8 @@ Every measurement runs in a fresh subprocess (no allocator cache or earlier peak
 the child imports everything, reads its RSS as the baseline, builds the learner, runs one
 ``train_step`` (old log-probs, one mini-batch update, optimizer step) and reports ``ru_maxrss`` minus the
 baseline, the step's seconds and a checksum of the updated parameters (equal on and off: same update).
+The child runs with glibc malloc settings (``EXACT_RSS_MALLOC``) under which peak RSS is live memory, not
+allocator history.
 
 ``--engine deepspeed`` (default) is the real learner (``actors.learner.Learner``, one rank, ZeRO as set);
 ``--engine core`` is ``pipeline.core.ppo_update`` with plain SGD (no DeepSpeed: quicker to start; what the
@@ -107,6 +109,15 @@ def child(args) -> None:
     print(json.dumps(out | {"checkpointing": bool(getattr(module, "is_gradient_checkpointing", False))}))
 
 
+#: glibc malloc settings for the child: every block over 128 KiB (all activations and gradients) is its own
+#: mmap, returned to the OS when freed, and freed heap memory is trimmed. With glibc's defaults the mmap
+#: threshold grows with the first large frees, later tensors come from a heap that keeps freed pages, and
+#: the same step's peak RSS varied by 40% between runs (292 vs 410 MiB with checkpointing on); with these it
+#: is the step's live memory to within 1 MiB run to run. The cost is time (an mmap per tensor, ~1.3x on this
+#: step), so a step's seconds are comparable between variants of one run, not with a training job.
+EXACT_RSS_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
+
+
 def _free_port() -> int:
     import socket
 
@@ -133,6 +144,7 @@ def run_child(
     cmd += ["--checkpointing", str(int(checkpointing)), "--zero-stage", str(zero_stage), "--dtype", dtype]
     cmd += ["--threads", str(threads), "--port", str(_free_port()), "--steps", str(steps)]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1")
+    env.update({k: v for k, v in EXACT_RSS_MALLOC.items() if k not in os.environ})
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
     if out.returncode != 0:
         raise RuntimeError(f"child failed ({' '.join(cmd)}):\n{out.stderr[-3000:]}")

@@ -8,8 +8,11 @@
 #   deploy/local-cluster.sh pids   [--state-dir DIR]    # every live process this cluster started
 #
 # `start` launches one head and N worker "nodes" (each its own raylet), each as `ray start --block` in its
-# own process group (setsid), all in a dedicated --temp-dir inside the state dir, on custom ports so it
-# never collides with another Ray on the machine. The i-th worker gets the i-th --worker-resources JSON
+# own process group (setsid), each with its own --temp-dir inside the state dir (n0 the head, n1.. the
+# workers), on custom ports so it never collides with another Ray on the machine. Separate temp dirs matter:
+# a node's runtime_resources (the unpacked working_dir of a job) lives there, and a node that deletes or
+# re-unpacks a package must not pull files from under a process of another node, as it never can across
+# real machines. The i-th worker gets the i-th --worker-resources JSON
 # (default: {"gen_node": 1}, {"learn_node": 1}, {"verify_node": 1}, repeating). PIDs, ports, the auth
 # token and the node list are written into the state dir. `stop` kills exactly those process groups and
 # every process that descends from them (the job drivers Ray starts in their own sessions included) —
@@ -143,7 +146,7 @@ start_node() {  # start_node INDEX LOGNAME ARGS...
   # the whole group; --block keeps gcs/raylet/dashboard/agents as its children instead of daemons.
   setsid env PATH="$BIN:$PATH" RAY_AUTH_MODE="$AUTH" ${AUTH_PATH_ENV:+"$AUTH_PATH_ENV"} \
     RAY_USAGE_STATS_ENABLED=0 \
-    "$RAY" start --block --node-ip-address 127.0.0.1 --temp-dir "$STATE/ray" \
+    "$RAY" start --block --node-ip-address 127.0.0.1 --temp-dir "$STATE/n$i" \
     --node-manager-port "$b" --object-manager-port "$((b + 1))" \
     --dashboard-agent-listen-port "$((b + 2))" --dashboard-agent-grpc-port "$((b + 3))" \
     --runtime-env-agent-port "$((b + 4))" --metrics-export-port "$((b + 5))" \
@@ -197,9 +200,9 @@ case "$cmd" in
         2>/dev/null || die "--worker-resources $r: expected a JSON object of name -> amount"
     done
     rm -rf "$STATE"
-    mkdir -p "$STATE/logs" "$STATE/ray"
+    mkdir -p "$STATE/logs"
     chmod 700 "$STATE"
-    sock="$STATE/ray/session_2000-01-01_00-00-00_000000_000000/sockets/plasma_store"
+    sock="$STATE/n$WORKERS/session_2000-01-01_00-00-00_000000_000000/sockets/plasma_store"
     (( ${#sock} < 100 )) || die "--state-dir $STATE is too long for Ray's unix sockets; use a shorter path"
     AUTH_PATH_ENV=""
     if [[ "$AUTH" == token ]]; then

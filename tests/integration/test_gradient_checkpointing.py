@@ -28,8 +28,9 @@ def test_checkpointing_lowers_the_peak_and_keeps_the_update(act_model):
     off = run_child(act_model, engine="core", checkpointing=False, **SHAPE)
     on = run_child(act_model, engine="core", checkpointing=True, **SHAPE)
     assert on["checksum"] == pytest.approx(off["checksum"], rel=1e-6)
-    # measured here: 0.55 (316 vs 572 MiB); 0.75 leaves room for allocator noise
-    assert on["peak_bytes"] < 0.75 * off["peak_bytes"], (on, off)
+    # measured here: 0.30 (145 vs 478 MiB, within 1 MiB over 3 runs each: the child's malloc settings make
+    # peak RSS live memory); 0.6 leaves room for another machine's kernels and allocator
+    assert on["peak_bytes"] < 0.6 * off["peak_bytes"], (on, off)
 
 
 def test_the_deepspeed_learner_applies_it_with_the_same_update(act_model):
