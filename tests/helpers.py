@@ -200,3 +200,11 @@ def wandb_records(run_root: Any) -> list[dict[str, Any]]:
         check=True,
     ).stdout
     return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+
+
+def state_address() -> str:
+    """The state-API address of the Ray this process is connected to. Ray's state API otherwise looks for
+    the cluster on the machine and refuses when it finds several (another session's run, a study)."""
+    import ray._private.worker as worker
+
+    return "http://" + worker.get_dashboard_url()

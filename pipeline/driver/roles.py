@@ -11,6 +11,7 @@ group created so far has been released.
 from __future__ import annotations
 
 import socket
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -282,18 +283,22 @@ def _start(
     roles.generators.wait_ready(timeout_s)
 
 
-def stop_roles(roles: Roles) -> None:
-    """Kill every actor and remove every placement group of the run (idempotent)."""
+def stop_roles(roles: Roles, *, wait_s: float = 60) -> None:
+    """Kill every actor and remove every placement group of the run (idempotent). Returns once the
+    actors are dead (up to ``wait_s``): ``ray.kill`` only asks, and a run that is restarted or a test that
+    checks the cluster right after must not meet the old roles still holding their CPUs."""
     if roles.metrics is not None:
         try:
             ray.get(roles.metrics.close.remote(), timeout=10)
         except Exception:  # noqa: BLE001 - best effort; the actor is killed next
             pass
-    for actor in roles.all_actors():
+    actors = roles.all_actors()
+    for actor in actors:
         try:
             ray.kill(actor, no_restart=True)
         except Exception:  # noqa: BLE001
             pass
+    wait_until_dead(actors, wait_s)
     for pg in roles.placement_groups:
         try:
             remove_placement_group(pg)
@@ -311,3 +316,28 @@ def stop_roles(roles: Roles) -> None:
 def placement_report(roles: Roles) -> list[dict[str, Any]]:
     """Where each actor runs (role, replica, node) — logged into the run dir and metrics."""
     return ray.get([a.info.remote() for a in roles.all_actors()])
+
+
+def wait_until_dead(actors: list, timeout_s: float) -> list:
+    """Wait until every actor is dead; returns those still alive at the deadline. An actor that answers
+    ``__ray_ready__`` is still alive (its kill is not processed yet); a dead one raises ActorDiedError."""
+    deadline = time.monotonic() + timeout_s
+    alive = list(actors)
+    while alive and time.monotonic() < deadline:
+        probes = {a: a.__ray_ready__.remote() for a in alive}
+        ray.wait(
+            list(probes.values()), num_returns=len(probes), timeout=max(0.1, deadline - time.monotonic())
+        )
+        still = []
+        for actor, ref in probes.items():
+            try:
+                ray.get(ref, timeout=0)
+                still.append(actor)
+            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
+                pass
+            except ray.exceptions.GetTimeoutError:
+                still.append(actor)
+        alive = still
+        if alive:
+            time.sleep(0.2)
+    return alive

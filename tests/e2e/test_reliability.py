@@ -240,12 +240,15 @@ def test_bad_input_exits_nonzero_with_a_clear_message_and_no_actor(case, tmp_pat
 def test_nothing_of_a_run_is_left_behind(ray_cluster, model_path, tmp_path):
     """A role that crashes while starting (here: vLLM rejects an engine argument, after the metrics actor,
     learner placement group, learners and verifiers exist) -> RoleStartError naming it, and every actor
-    and placement group of the run is gone (Ray's state API)."""
+    and placement group of the run is gone (Ray's state API) when the error is raised."""
     from ray.util.state import list_actors, list_placement_groups
 
     from pipeline.driver.roles import RoleStartError
+    from tests.helpers import state_address
 
-    before_pgs = {p.placement_group_id for p in list_placement_groups() if p.state != "REMOVED"}
+    before_pgs = {
+        p.placement_group_id for p in list_placement_groups(address=state_address()) if p.state != "REMOVED"
+    }
     args = parse_args(
         sets(
             SMALL
@@ -259,11 +262,13 @@ def test_nothing_of_a_run_is_left_behind(ray_cluster, model_path, tmp_path):
     prep = prepare(args)
     with pytest.raises(RoleStartError, match="generator: failed to start"):
         start_roles(prep.cfg, prep.model_path, str(tmp_path / "run"), resume_after_step=None, timeout_s=120)
-    time.sleep(2)
+    # start_roles returned after stop_roles: every actor must be dead now, not eventually
     roles = ("Generator", "Learner", "Metrics", "VerifierWorker", "Reference")
-    alive = [a for a in list_actors() if a.state == "ALIVE" and a.class_name in roles]
+    alive = [a for a in list_actors(address=state_address()) if a.state == "ALIVE" and a.class_name in roles]
     assert not alive, alive
-    pgs = {p.placement_group_id for p in list_placement_groups() if p.state != "REMOVED"}
+    pgs = {
+        p.placement_group_id for p in list_placement_groups(address=state_address()) if p.state != "REMOVED"
+    }
     assert pgs <= before_pgs
 
 
