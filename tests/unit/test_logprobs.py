@@ -45,7 +45,10 @@ def test_chunked_matches_naive_values_and_grads(seed, b, t, v, chunk, temperatur
     torch.testing.assert_close(ent, ent_n, atol=1e-5, rtol=1e-5)
     (g_c,) = torch.autograd.grad((w1 * lp + w2 * ent).sum(), z)
     (g_n,) = torch.autograd.grad((w1 * lp_n + w2 * ent_n).sum(), z)
-    torch.testing.assert_close(g_c, g_n, atol=1e-5, rtol=1e-5)
+    # the entropy gradient p * (log p + H) sums terms of opposite sign over the vocabulary: with logits up to
+    # ~50 (scale 8, temperature 0.6) fp32 round-off differs by ~1e-5 between the two summation orders
+    # (seed 298: 1.2e-5 on a gradient of 0.09)
+    torch.testing.assert_close(g_c, g_n, atol=5e-5, rtol=1e-4)
 
 
 @settings(max_examples=25, deadline=None)
