@@ -220,18 +220,26 @@ def compare_checkpointing(args) -> None:
         f"model {args.size}, {args.rows} x {args.prompt + args.response} tokens ({tokens}), {args.dtype}, "
         f"{args.threads} threads, {args.repeats} repeats; parameter checksums after the step: {sorted(sums)}"
     )
-    print(f"{'checkpointing':14}{'peak MiB min':>14}{'median':>9}{'step s min':>12}{'median':>9}")
+    print(
+        f"{'checkpointing':14}{'RSS MiB min':>12}{'median':>9}{'anon MiB min':>14}{'median':>9}"
+        f"{'step s min':>12}{'median':>9}"
+    )
     for on, rs in runs.items():
         peaks = [r["peak_bytes"] / 2**20 for r in rs]
+        anon = [r["peak_anon_bytes"] / 2**20 for r in rs]
         secs = [r["seconds"] for r in rs]
         print(
-            f"{'on' if on else 'off':14}{min(peaks):14.0f}{statistics.median(peaks):9.0f}"
-            f"{min(secs):12.2f}{statistics.median(secs):9.2f}"
+            f"{'on' if on else 'off':14}{min(peaks):12.0f}{statistics.median(peaks):9.0f}"
+            f"{min(anon):14.0f}{statistics.median(anon):9.0f}{min(secs):12.2f}{statistics.median(secs):9.2f}"
         )
     off, on = runs[False], runs[True]
+
+    def ratio(key: str) -> float:
+        return min(r[key] for r in on) / min(r[key] for r in off)
+
     print(
-        f"on/off: peak {min(r['peak_bytes'] for r in on) / min(r['peak_bytes'] for r in off):.2f}x (min), "
-        f"time {min(r['seconds'] for r in on) / min(r['seconds'] for r in off):.2f}x (min), "
+        f"on/off: peak RSS {ratio('peak_bytes'):.2f}x, anonymous {ratio('peak_anon_bytes'):.2f}x (min), "
+        f"time {ratio('seconds'):.2f}x (min), "
         f"{statistics.median(r['seconds'] for r in on) / statistics.median(r['seconds'] for r in off):.2f}x (median)"
     )
 
