@@ -57,8 +57,9 @@ def _anon_bytes() -> int:
 class AnonPeak:
     """Peak anonymous RSS (heap and tensor memory, no file-backed pages), sampled every 2 ms by a thread.
     Total peak RSS also counts library and model-file pages, which the kernel may reclaim before the
-    baseline and fault back in during the step on a machine under memory pressure (a loaded suite run
-    measured the checkpointed step at 451 MiB against 145 MiB quiet); anonymous memory is the step's own.
+    baseline and fault back in during the step on a machine under memory pressure; a loaded suite run
+    measured the checkpointed step's RSS at 451 MiB against 145 MiB quiet (the cause not pinned down; this
+    metric leaves file pages out). Anonymous memory is the step's own: heap and tensors.
     A sampled peak can miss a spike shorter than the interval; a step's activation peak lasts the whole
     backward pass."""
 
@@ -184,14 +185,6 @@ def run_child(
     cmd += ["--threads", str(threads), "--port", str(_free_port()), "--steps", str(steps)]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1")
     env.update({k: v for k, v in EXACT_RSS_MALLOC.items() if k not in os.environ})
-    # glibc's malloc, not a preloaded replacement: vLLM's CPU platform puts its bundled tcmalloc (where the
-    # wheel has one) into this process's LD_PRELOAD, which every later subprocess inherits; tcmalloc
-    # ignores the settings above
-    preload = [p for p in env.get("LD_PRELOAD", "").split(":") if p and "malloc" not in Path(p).name]
-    if preload:
-        env["LD_PRELOAD"] = ":".join(preload)
-    else:
-        env.pop("LD_PRELOAD", None)
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
     if out.returncode != 0:
         raise RuntimeError(f"child failed ({' '.join(cmd)}):\n{out.stderr[-3000:]}")
