@@ -2,8 +2,9 @@
 ``model.path``, prompts as chat messages from a verl-format parquet, every role real (vLLM generator,
 verifier pool routing verl's math source to math-verify, reference with a KL term, DeepSpeed learner).
 
-Two pipeline starts cover ZeRO-2 with the object-store weight sync and ZeRO-3 over two ranks with the
-collective (gloo) sync. The fixture's weights are random, so math-verify rarely scores an answer right;
+Two pipeline starts cover ZeRO-2 with the object-store weight sync, and ZeRO-3 over two ranks with the
+collective sync: vLLM's weight-transfer protocol over gloo (NCCL on GPUs) from learner rank 0 into two
+generator replicas, parameters gathered one by one on both ranks. The fixture's weights are random, so math-verify rarely scores an answer right;
 a format bonus for writing any digit gives every group reward variance, so the policy really moves and
 the log-prob agreement after each sync compares moved weights, not the initial files.
 """
@@ -42,6 +43,8 @@ def verl_files(tmp_path_factory):
             "learner.zero_stage": 3,
             "learner.ranks": 2,
             "learner.resources.num_cpus": 0.5,
+            "generator.replicas": 2,
+            "generator.resources.num_cpus": 0.5,
             "weight_sync.method": "collective",
             "weight_sync.bucket_mb": 1,  # several buckets
         },
@@ -86,3 +89,6 @@ def test_chat_model_trains_on_a_verl_parquet(overrides, verl_files, chat_model_p
     # the policy moved away from the reference after the first update, so steps 2-3 sampled moved weights
     assert all(x["actor/kl_ref"] > 1e-6 for x in r[1:]), [x["actor/kl_ref"] for x in r]
     assert "eval/pass@1" in r[0] and "final/pass@1" in r[-1]
+    replicas = {s["replica"] for row in r[1:] for s in row["sources"] if s["role"] == "generator"}
+    # every replica sampled synced weights
+    assert replicas == set(range(overrides.get("generator.replicas", 1)))
