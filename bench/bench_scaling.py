@@ -281,6 +281,7 @@ def plot(results: dict, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker  # noqa: F401  (matplotlib.ticker.NullFormatter below)
 
     fig, axes = plt.subplots(1, len(AXES), figsize=(4.2 * len(AXES), 3.6), sharey=True)
     xs = {"response length": "max_new", "group size": "group", "model width": "size"}
@@ -298,21 +299,21 @@ def plot(results: dict, path: Path) -> None:
                     y.append(r["median"])
             ax.plot(x, y, marker=marker, label=system)
             for xi, yi in zip(x, y):
-                ax.annotate(f"{yi:.1f}", (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=7)
+                ax.annotate(f"{yi:.2f}", (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=7)
             measured = measured or bool(x)
         ax.axhline(1.0, color="grey", lw=0.8)
         ax.axhline(2.0, color="grey", lw=0.8, ls="--")
         if axis != "group size" and measured:
             ax.set_xscale("log")
+        if measured:  # ticks at the measured points only: log axes' minor labels overlap at these spans
+            ax.set_xticks(sorted(set(x)), [f"{v:g}" for v in sorted(set(x))])
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         if not measured:
             ax.text(0.5, 0.5, "not measured", transform=ax.transAxes, ha="center")
         ax.set_xlabel({"model width": "parameters (M)", "response length": "response tokens"}.get(axis, axis))
         ax.set_title(axis)
     axes[0].set_ylabel("covrl / TRL samples/s (wall)")
-    # one run per system and point on a shared box: the ratios carry each run's load, the README says how much
-    fig.suptitle(
-        "covrl / TRL, wall time, one run per system and point (bench/README.md: load, CPU-s)", fontsize=9
-    )
+    fig.suptitle("covrl / TRL, wall time (median steady step), one run per system and point", fontsize=9)
     axes[0].legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
