@@ -281,7 +281,7 @@ def plot(results: dict, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import matplotlib.ticker  # noqa: F401  (matplotlib.ticker.NullFormatter below)
+    from matplotlib.ticker import NullFormatter
 
     fig, axes = plt.subplots(1, len(AXES), figsize=(4.2 * len(AXES), 3.6), sharey=True)
     xs = {"response length": "max_new", "group size": "group", "model width": "size"}
@@ -307,8 +307,8 @@ def plot(results: dict, path: Path) -> None:
             ax.set_xscale("log")
         if measured:  # ticks at the measured points only: log axes' minor labels overlap at these spans
             ax.set_xticks(sorted(set(x)), [f"{v:g}" for v in sorted(set(x))])
-            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-        if not measured:
+            ax.xaxis.set_minor_formatter(NullFormatter())
+        else:
             ax.text(0.5, 0.5, "not measured", transform=ax.transAxes, ha="center")
         ax.set_xlabel({"model width": "parameters (M)", "response length": "response tokens"}.get(axis, axis))
         ax.set_title(axis)

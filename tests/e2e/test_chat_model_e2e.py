@@ -4,9 +4,10 @@ verifier pool routing verl's math source to math-verify, reference with a KL ter
 
 Two pipeline starts cover ZeRO-2 with the object-store weight sync, and ZeRO-3 over two ranks with the
 collective sync: vLLM's weight-transfer protocol over gloo (NCCL on GPUs) from learner rank 0 into two
-generator replicas, parameters gathered one by one on both ranks. The fixture's weights are random, so math-verify rarely scores an answer right;
-a format bonus for writing any digit gives every group reward variance, so the policy really moves and
-the log-prob agreement after each sync compares moved weights, not the initial files.
+generator replicas, parameters gathered one by one on both ranks. The fixture's weights are random, so
+math-verify rarely scores an answer right; a format bonus for writing any digit gives every group reward
+variance, so the policy really moves and the log-prob agreement after each sync compares moved weights, not
+the initial files.
 """
 
 import json
@@ -82,7 +83,7 @@ def test_chat_model_trains_on_a_verl_parquet(overrides, verl_files, chat_model_p
         assert x[f"verifier/{source}/count"] == PROMPTS * GROUP == x["verifier/by_verifier/math/count"]
         assert x["verifier/errors"] == 0
         assert 0 < x["reward/mean"] < 2
-        assert x["time/reference"] > 0 and x["version_lag"] == 0
+        assert x["time/reference"] > 0 and x["version_lag"] == 0 and x["time/weight_sync"] > 0
     # step 1 samples the fixture as built: turns end at the template's <|im_end|> (per token ~0.08, so
     # ~13% of 24-token turns would run to max_new_tokens); later steps may learn other lengths
     assert r[0]["response/truncated_frac"] < 0.5 and r[0]["response_length/mean"] < 24
