@@ -92,6 +92,8 @@ def deepspeed_config(cfg: LearnerConfig) -> dict[str, Any]:
                 "lr": cfg.lr,
                 "weight_decay": cfg.weight_decay,
                 "torch_adam": not torch.cuda.is_available(),
+                # torch.optim.AdamW's own switch, passed through by DeepSpeed (its CUDA FusedAdam needs none)
+                **({"fused": True} if cfg.fused_optimizer and not torch.cuda.is_available() else {}),
             },
         },
         "gradient_clipping": cfg.grad_clip,

@@ -276,7 +276,7 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def plot(results: dict, path: Path) -> None:
+def plot(results: dict, path: Path, repeats: int = 1) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -313,7 +313,8 @@ def plot(results: dict, path: Path) -> None:
         ax.set_xlabel({"model width": "parameters (M)", "response length": "response tokens"}.get(axis, axis))
         ax.set_title(axis)
     axes[0].set_ylabel("covrl / TRL samples/s (wall)")
-    fig.suptitle("covrl / TRL, wall time (median steady step), one run per system and point", fontsize=9)
+    runs = "one run" if repeats == 1 else f"{repeats} runs"
+    fig.suptitle(f"covrl / TRL, wall time (median steady step), {runs} per system and point", fontsize=9)
     axes[0].legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -386,7 +387,7 @@ def ab(points: list[dict], args) -> None:
     results = sweep(points, args.steps, args.repeats, args.bf16, log, lambda r: None, systems)
     print(f"\nbefore: covrl sync; after: + {args.ab} ({args.repeats} runs each, steady steps)")
     print(
-        f"{'point':22} {'before s/step':>14} {'after s/step':>13} {'gain (median)':>14} {'gain (min)':>11}  split after"
+        f"{'point':22} {'before s/step':>14} {'after s/step':>13} {'gain (median)':>14} {'gain (min)':>11}  split before"
     )
     for key, entry in results.items():
         before, after = entry["runs"][systems[0]], entry["runs"][systems[1]]
@@ -403,7 +404,7 @@ def ab(points: list[dict], args) -> None:
 
 def report(data: dict, out: Path) -> None:
     print(f"\n{table(data['results'])}\n\nsweep {data['meta']['sweep_s'] / 60:.1f} min; raw numbers: {out}")
-    plot(data["results"], out.with_suffix(".png"))
+    plot(data["results"], out.with_suffix(".png"), data["meta"].get("repeats", 1))
     print(f"plot: {out.with_suffix('.png')}")
 
 

@@ -15,6 +15,8 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.bench_scaling import model_dir  # noqa: E402
@@ -135,18 +137,75 @@ def learner(args) -> None:
         group_size=args.group,
         sampler_logprob=-2.8,
     )
+    fields = dict(threads=args.threads, mini_batches=4, micro_batch_size=64, measure_entropy_change_every=0)
+    fields |= dict(kv.split("=", 1) for kv in args.set)  # pydantic parses the strings
     lr = Learner(
-        LearnerConfig(
-            threads=args.threads, mini_batches=4, micro_batch_size=64, measure_entropy_change_every=0
-        ),
+        LearnerConfig(**fields),
         AlgorithmConfig(),
         model_dir(args.size),
         master_port=29641,
     )
     lr.train_step(batch, step=1)  # warm-up
+    if args.vs_torch:
+        return vs_torch(lr, batch, args)
     profiled(lambda: lr.train_step(batch, step=2), "covrl learner.train_step", args.top)
     if args.torch_ops:
         torch_ops(lambda: lr.train_step(batch, step=3), args.top)
+
+
+def vs_torch(lr, batch, args) -> None:
+    """covrl's learner step vs the same work as a plain torch loop (TRL's learner on CPU does this: HF
+    model, torch AdamW, no engine): one no-grad log-prob pass over the batch, then one clipped-ratio
+    update per mini-batch (forward, backward, grad clip, AdamW). Interleaved, min/median of `repeats`;
+    the gap is what covrl's engine and update loop add."""
+    import statistics
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.core.model_forward import make_micro_batch
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir(args.size), dtype=torch.float32)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
+    mb = make_micro_batch(batch, np.arange(len(batch)))
+    adv = torch.from_numpy(batch.advantages)[:, None]
+
+    def logp(rows):
+        logits = model(input_ids=mb.input_ids[rows], attention_mask=mb.attention_mask[rows]).logits
+        picked = logits.gather(1, mb.positions[rows][..., None].expand(-1, -1, logits.shape[-1]))
+        return torch.log_softmax(picked, -1).gather(-1, mb.labels[rows][..., None])[..., 0]
+
+    def plain():
+        model.eval()
+        with torch.no_grad():
+            old = logp(slice(None))
+        model.train()
+        for rows in np.array_split(np.random.permutation(len(batch)), 4):
+            rows = torch.from_numpy(rows)
+            ratio = torch.exp(logp(rows) - old[rows])
+            a = adv[rows]
+            loss = -torch.minimum(ratio * a, ratio.clamp(0.8, 1.2) * a)[mb.response_mask[rows]].mean()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+    plain()  # warm-up
+    times: dict[str, list[float]] = {"covrl learner": [], "plain torch": []}
+    for k in range(args.repeats):
+        for name, fn in (
+            ("covrl learner", lambda k=k: lr.train_step(batch, step=2 + k)),
+            ("plain torch", plain),
+        ):
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    for name, ts in times.items():
+        print(f"{name:14} min {min(ts):6.2f} s  median {statistics.median(ts):6.2f} s")
+    print(
+        f"covrl / plain time: {min(times['covrl learner']) / min(times['plain torch']):.2f} (min), "
+        f"{statistics.median(times['covrl learner']) / statistics.median(times['plain torch']):.2f} (median)"
+    )
 
 
 def main() -> None:
@@ -160,7 +219,9 @@ def main() -> None:
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--vs-hf", action="store_true")
+    ap.add_argument("--vs-torch", action="store_true", help="learner: side by side with a plain torch loop")
     ap.add_argument("--torch-ops", action="store_true")
+    ap.add_argument("--set", action="append", default=[], help="learner: a LearnerConfig field, KEY=VALUE")
     args = ap.parse_args()
     {"generator": generator, "learner": learner}[args.role](args)
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from transformers import LlamaForCausalLM
 
-from actors.learner import Learner
+from actors.learner import Learner, deepspeed_config
 from schemas.run_config import AlgorithmConfig, LearnerConfig
 from tests.helpers import loss_cfg, random_batch, tiny_model
 
@@ -27,9 +27,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def train_with(ray, model_dir, ranks, zero_stage, loss="clip_cov"):
+def train_with(ray, model_dir, ranks, zero_stage, loss="clip_cov", **learner):
     cfg = LearnerConfig(
-        ranks=ranks, zero_stage=zero_stage, micro_batch_size=4, mini_batches=3, lr=1e-2, threads=1
+        ranks=ranks, zero_stage=zero_stage, micro_batch_size=4, mini_batches=3, lr=1e-2, threads=1, **learner
     )
     algo = AlgorithmConfig(
         policy_loss=loss_cfg(loss, clip_cov_lb=-10.0, clip_cov_ub=10.0, clip_cov_ratio=0.2)
@@ -66,6 +66,18 @@ def test_two_ranks_match_one_rank(ray_cluster, model_dir, zero_stage):
     # both ranks report identical step metrics (computed over the global batch)
     assert s2[0].metrics["actor/cov/selected_frac"] == pytest.approx(s2[1].metrics["actor/cov/selected_frac"])
     assert s2[0].metrics["entropy/mean"] == pytest.approx(s1[0].metrics["entropy/mean"], rel=1e-5)
+
+
+def test_fused_cpu_adamw_gives_the_per_op_update(ray_cluster, model_dir):
+    """learner.fused_optimizer (the default on CPU) is a faster kernel for the same AdamW update."""
+    assert deepspeed_config(LearnerConfig())["optimizer"]["params"]["fused"] is True
+    assert "fused" not in deepspeed_config(LearnerConfig(fused_optimizer=False))["optimizer"]["params"]
+    _, fused = train_with(ray_cluster, model_dir, 1, 2, weight_decay=0.1)
+    _, per_op = train_with(ray_cluster, model_dir, 1, 2, weight_decay=0.1, fused_optimizer=False)
+    start = LlamaForCausalLM.from_pretrained(model_dir).state_dict()
+    assert max(float(np.abs(fused[k] - start[k].numpy()).max()) for k in fused) > 1e-4
+    for k in fused:
+        np.testing.assert_allclose(fused[k], per_op[k], atol=1e-6, rtol=1e-5, err_msg=k)
 
 
 def test_nonfinite_loss_skips_the_update_and_keeps_weights_finite(ray_cluster, model_dir):
