@@ -81,6 +81,7 @@ def deepspeed_config(cfg: LearnerConfig) -> dict[str, Any]:
     loop decides where a mini-batch ends (``step()``), so micro-batch counts may vary per step."""
     import torch
 
+    cpu = not torch.cuda.is_available()
     conf: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
         "gradient_accumulation_steps": 1,
@@ -91,9 +92,9 @@ def deepspeed_config(cfg: LearnerConfig) -> dict[str, Any]:
             "params": {
                 "lr": cfg.lr,
                 "weight_decay": cfg.weight_decay,
-                "torch_adam": not torch.cuda.is_available(),
+                "torch_adam": cpu,
                 # torch.optim.AdamW's own switch, passed through by DeepSpeed (its CUDA FusedAdam needs none)
-                **({"fused": True} if cfg.fused_optimizer and not torch.cuda.is_available() else {}),
+                **({"fused": True} if cfg.fused_optimizer and cpu else {}),
             },
         },
         "gradient_clipping": cfg.grad_clip,
