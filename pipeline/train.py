@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.driver.config_io import ConfigError, dump_config, load_config
+from pipeline.driver.config_io import dump_config, load_config
 from schemas.run_config import RunConfig
 
 
@@ -111,12 +111,6 @@ class Prepared:
 
 def prepare(args: argparse.Namespace) -> Prepared:
     """Everything that can fail on bad input, before Ray or any actor starts."""
-    from actors.metrics import check_wandb
-    from pipeline.core.losses import get_policy_loss
-    from pipeline.data.datasets import PromptStream, load_split
-    from pipeline.data.tasks import verifier_config_for_run
-    from pipeline.data.verifiers.base import VerifierLoadError, check_verifiers
-    from pipeline.data.verifiers.functions import check_columns
     from pipeline.driver import checkpoint as ckpt
 
     resume_state = None
@@ -133,6 +127,14 @@ def prepare(args: argparse.Namespace) -> Prepared:
     else:
         cfg = load_config(args.config, args.set)
         run_dir = new_run_dir(cfg)
+    # after the config: its errors must not wait for torch and Ray to import
+    from actors.metrics import check_wandb
+    from pipeline.core.losses import get_policy_loss
+    from pipeline.data.datasets import PromptStream, load_split
+    from pipeline.data.tasks import verifier_config_for_run
+    from pipeline.data.verifiers.base import VerifierLoadError, check_verifiers
+    from pipeline.data.verifiers.functions import check_columns
+
     check_task(cfg)
     try:
         check_wandb(cfg.metrics.wandb)
@@ -193,12 +195,13 @@ def print_routes(cfg: RunConfig, rows: list[dict[str, Any]]) -> None:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    prep = prepare(args)  # config, model and data checks first: a bad input exits before Ray and torch load
+
     import ray
 
     from pipeline.analysis.summary import summarize_run
     from pipeline.driver.roles import RoleFailure
 
-    prep = prepare(args)
     cfg, run_dir, stream, resume = prep.cfg, prep.run_dir, prep.stream, prep.resume
     for w in cfg.warnings():
         print(f"[covrl] WARNING: {w}", flush=True)
@@ -307,23 +310,43 @@ def _link_latest(run_dir: Path) -> None:
         pass
 
 
+# Errors that end a run with their message and an exit code instead of a traceback: (module, class, code);
+# 2 = bad input, 1 = the run failed. Looked up in sys.modules, not imported: an error class whose module was
+# never loaded cannot have been raised, and importing the role and trainer modules (torch, Ray: seconds) just
+# to name their errors would delay a config error's message by as much.
+RUN_ERRORS = (
+    ("pipeline.driver.config_io", "ConfigError", 2),
+    ("pipeline.train", "InputError", 2),
+    ("pipeline.data.datasets", "DataError", 2),
+    ("pipeline.driver.checkpoint", "CheckpointError", 1),
+    ("pipeline.driver.roles", "RoleStartError", 1),
+    ("pipeline.driver.roles", "RoleFailure", 1),
+    ("pipeline.driver.trainer", "TrainingDiverged", 1),
+)
+
+
+def exit_code(error: BaseException) -> int | None:
+    """The exit code of a run-ending error of RUN_ERRORS, or None for anything else (a bug: re-raised)."""
+    for module, name, code in RUN_ERRORS:
+        cls = getattr(sys.modules.get(module), name, None)
+        if cls is not None and isinstance(error, cls):
+            return code
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = parse_args(argv)
-    from pipeline.analysis.summary import print_summary
-    from pipeline.data.datasets import DataError
-    from pipeline.driver.checkpoint import CheckpointError
-    from pipeline.driver.roles import RoleFailure, RoleStartError
-    from pipeline.driver.trainer import TrainingDiverged
-
     try:
         summary = run(args)
-    except (ConfigError, InputError, DataError) as e:
+    except Exception as e:
+        code = exit_code(e)
+        if code is None:
+            raise
         print(f"[covrl] error: {e}", file=sys.stderr, flush=True)
-        return 2
-    except (CheckpointError, RoleStartError, RoleFailure, TrainingDiverged) as e:
-        print(f"[covrl] error: {e}", file=sys.stderr, flush=True)
-        return 1
+        return code
+    from pipeline.analysis.summary import print_summary
+
     print_summary(summary)
     return 0
 

@@ -15,7 +15,7 @@ def test_cli_exits_nonzero_before_starting_anything(tmp_path):
         args = [x for kv in sets for x in ("--set", kv)]
         code = (
             "import sys, ray; from pipeline.train import main; rc = main(sys.argv[1:]); "
-            "sys.exit(rc + (100 if ray.is_initialized() else 0))"
+            "print('torch loaded:', 'torch' in sys.modules); sys.exit(rc + (100 if ray.is_initialized() else 0))"
         )
         return subprocess.run(
             [sys.executable, "-c", code, *args],
@@ -27,6 +27,7 @@ def test_cli_exits_nonzero_before_starting_anything(tmp_path):
 
     bad_key = run("learner.bogus=1")
     assert bad_key.returncode == 2 and "learner.bogus: unknown key" in bad_key.stderr
+    assert "torch loaded: False" in bad_key.stdout  # a config error does not wait for torch to import
     missing = run(f"model.path={tmp_path / 'nowhere'}")
     assert missing.returncode == 2 and "no such directory" in missing.stderr
 
