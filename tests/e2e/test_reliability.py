@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 
 import pytest
@@ -131,8 +132,8 @@ def learner_pid(run_dir: Path) -> int:
     )
 
 
-def test_learner_killed_restarts_from_checkpoint(model_path, tmp_path):
-    run_dir = tmp_path / "run"
+def kill_the_learner(model_path: str, run_dir: Path) -> str:
+    """A 4-step run whose learner is SIGKILLed after step 2; returns the run's output (it must exit 0)."""
     proc = start_training(
         run_dir, [f"model.path={model_path}", "schedule.steps=4", "schedule.checkpoint_every=1"]
     )
@@ -144,13 +145,11 @@ def test_learner_killed_restarts_from_checkpoint(model_path, tmp_path):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 0, out[-3000:]
-    assert "restarting every role from checkpoint" in out
-    assert [r["step"] for r in rows(run_dir)] == [1, 2, 3, 4]
-    assert logged_prompt_ids(run_dir) == expected_prompt_ids(run_dir, 4)
+    return out
 
 
-def test_driver_sigkill_then_resume_has_no_gap_or_duplicate(model_path, tmp_path):
-    run_dir = tmp_path / "run"
+def kill_the_driver_then_resume(model_path: str, run_dir: Path) -> None:
+    """A 4-step run whose driver (with its whole session) is SIGKILLed past step 3, then ``--resume``."""
     proc = start_training(
         run_dir, [f"model.path={model_path}", "schedule.steps=4", "schedule.checkpoint_every=2"]
     )
@@ -169,6 +168,36 @@ def test_driver_sigkill_then_resume_has_no_gap_or_duplicate(model_path, tmp_path
         timeout=600,
     )
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def killed_runs(model_path, tmp_path_factory):
+    """Both kill scenarios at once, each its own training process (and local Ray) with one thread per
+    role: a run alternates between generating and learning, so one alone leaves a core idle. Each test
+    reads its own scenario's outcome (``.result()`` raises that scenario's failure only)."""
+    root = tmp_path_factory.mktemp("killed")
+    with ThreadPoolExecutor(2) as pool:
+        runs = {
+            "learner": (root / "learner", pool.submit(kill_the_learner, model_path, root / "learner")),
+            "driver": (
+                root / "driver",
+                pool.submit(kill_the_driver_then_resume, model_path, root / "driver"),
+            ),
+        }
+        wait([f for _, f in runs.values()])
+    return runs
+
+
+def test_learner_killed_restarts_from_checkpoint(killed_runs):
+    run_dir, outcome = killed_runs["learner"]
+    assert "restarting every role from checkpoint" in outcome.result()
+    assert [r["step"] for r in rows(run_dir)] == [1, 2, 3, 4]
+    assert logged_prompt_ids(run_dir) == expected_prompt_ids(run_dir, 4)
+
+
+def test_driver_sigkill_then_resume_has_no_gap_or_duplicate(killed_runs):
+    run_dir, outcome = killed_runs["driver"]
+    outcome.result()
     assert [r["step"] for r in rows(run_dir)] == [1, 2, 3, 4]
     assert logged_prompt_ids(run_dir) == expected_prompt_ids(run_dir, 4)
     assert not (run_dir / "checkpoints" / "step_000004.partial").exists()

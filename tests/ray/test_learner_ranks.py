@@ -51,9 +51,15 @@ def train_with(ray, model_dir, ranks, zero_stage, loss="clip_cov", **learner):
             ray.kill(a)
 
 
+@pytest.fixture(scope="module")
+def one_rank(ray_cluster, model_dir):
+    """The single-rank reference update, shared by both ZeRO stages."""
+    return train_with(ray_cluster, model_dir, 1, 2)
+
+
 @pytest.mark.parametrize("zero_stage", [2, 3])
-def test_two_ranks_match_one_rank(ray_cluster, model_dir, zero_stage):
-    s1, w1 = train_with(ray_cluster, model_dir, 1, 2)
+def test_two_ranks_match_one_rank(ray_cluster, model_dir, one_rank, zero_stage):
+    s1, w1 = one_rank
     s2, w2 = train_with(ray_cluster, model_dir, 2, zero_stage)
     assert set(w1) == set(w2)
     moved = max(
