@@ -19,6 +19,11 @@ from typing import Any
 from pipeline.driver.config_io import dump_config, load_config
 from schemas.run_config import RunConfig
 
+#: Failed health checks before a local cluster's GCS declares its only node dead: 12x Ray's default of 5,
+#: so a raylet stalled by the machine for minutes is waited for (a 180 s stall measured in
+#: docs/reliability.md), while a raylet that really died still ends the run through its dead roles.
+LOCAL_HEALTH_CHECK_FAILURES = 60
+
 
 class InputError(ValueError):
     """Bad input found before start-up (model, tokenizer, data); the message says what to fix."""
@@ -215,6 +220,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if cfg.ray.address is None:  # the raylet reads it when it starts its workers
             nice = cfg.ray.worker_niceness
             os.environ["RAY_worker_niceness"] = str(os.nice(0) if nice is None else nice)
+            # A local cluster is one node: once its GCS declares that node dead (Ray's default: a raylet
+            # silent for about a minute, which a loaded laptop or CI box can cause) nothing can host the
+            # run's roles again. Wait it out instead (docs/reliability.md); the user's own setting wins.
+            os.environ.setdefault("RAY_health_check_failure_threshold", str(LOCAL_HEALTH_CHECK_FAILURES))
         ray.init(
             address=cfg.ray.address,
             num_cpus=cfg.ray.num_cpus if cfg.ray.address is None else None,

@@ -59,11 +59,30 @@ def logged_prompt_ids(run_dir: Path) -> list[list[int]]:
     return [json.loads(f.read_text())["ids"] for f in files]
 
 
-def start_training(run_dir: Path, extra: list[str]) -> subprocess.Popen:
+def start_training(run_dir: Path, extra: list[str], env: dict | None = None) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "pipeline.train", *sets(SMALL + [f"run_dir={run_dir}", *extra])]
     return subprocess.Popen(
-        cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+        cmd,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+        env=None if env is None else os.environ | env,
     )
+
+
+def child_named(pid: int, name: str) -> int:
+    """The pid of ``pid``'s child process whose command name is ``name``."""
+    for d in Path("/proc").iterdir():
+        try:
+            stat = (d / "stat").read_text() if d.name.isdigit() else ""
+        except OSError:  # exited while we looked
+            continue
+        if stat and stat[stat.index("(") + 1 : stat.rindex(")")] == name:
+            if int(stat[stat.rindex(")") + 2 :].split()[1]) == pid:
+                return int(d.name)
+    raise AssertionError(f"no child process {name!r} of {pid}")
 
 
 def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 400) -> None:
@@ -148,13 +167,31 @@ def kill_the_learner(model_path: str, run_dir: Path) -> str:
     return out
 
 
+#: Raylet stall of the driver scenario, under health checks every 0.5 s with a 0.5 s timeout: Ray's default
+#: threshold (5 failed checks) declares the run's only node dead within it (the run then fails: tried),
+#: covrl's (``LOCAL_HEALTH_CHECK_FAILURES``) waits it out.
+RAYLET_STALL_S = 15
+FAST_HEALTH_CHECKS = {"RAY_health_check_period_ms": "500", "RAY_health_check_timeout_ms": "500"}
+
+
 def kill_the_driver_then_resume(model_path: str, run_dir: Path) -> None:
-    """A 4-step run whose driver (with its whole session) is SIGKILLed past step 3, then ``--resume``."""
+    """A 4-step run whose raylet is stopped for ``RAYLET_STALL_S`` after step 1 (a machine too loaded to
+    schedule it), and whose driver (with its whole session) is SIGKILLed past step 3, then ``--resume``."""
     proc = start_training(
-        run_dir, [f"model.path={model_path}", "schedule.steps=4", "schedule.checkpoint_every=2"]
+        run_dir,
+        [f"model.path={model_path}", "schedule.steps=4", "schedule.checkpoint_every=2"],
+        env=FAST_HEALTH_CHECKS,
     )
     try:
-        wait_for_step(run_dir, 3, proc)  # a checkpoint at 2, step 3 logged past it
+        wait_for_step(run_dir, 1, proc)
+        raylet = child_named(proc.pid, "raylet")
+        os.kill(raylet, signal.SIGSTOP)
+        time.sleep(RAYLET_STALL_S)
+        os.kill(raylet, signal.SIGCONT)
+        try:
+            wait_for_step(run_dir, 3, proc)  # a checkpoint at 2, step 3 logged past it
+        except AssertionError as e:
+            raise AssertionError(f"the run did not outlive a {RAYLET_STALL_S} s raylet stall: {e}") from None
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
