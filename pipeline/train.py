@@ -21,7 +21,7 @@ from schemas.run_config import RunConfig
 
 #: Failed health checks before a local cluster's GCS declares its only node dead: 12x Ray's default of 5,
 #: so a raylet stalled by the machine for minutes is waited for (a 180 s stall measured in
-#: docs/reliability.md), while a raylet that really died still ends the run through its dead roles.
+#: docs/reliability.md). A raylet that really dies still ends the run at once: the driver exits with it.
 LOCAL_HEALTH_CHECK_FAILURES = 60
 
 
