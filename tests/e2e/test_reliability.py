@@ -10,6 +10,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import psutil
 import pytest
 import ray
 
@@ -70,19 +71,6 @@ def start_training(run_dir: Path, extra: list[str], env: dict | None = None) -> 
         start_new_session=True,
         env=None if env is None else os.environ | env,
     )
-
-
-def child_named(pid: int, name: str) -> int:
-    """The pid of ``pid``'s child process whose command name is ``name``."""
-    for d in Path("/proc").iterdir():
-        try:
-            stat = (d / "stat").read_text() if d.name.isdigit() else ""
-        except OSError:  # exited while we looked
-            continue
-        if stat and stat[stat.index("(") + 1 : stat.rindex(")")] == name:
-            if int(stat[stat.rindex(")") + 2 :].split()[1]) == pid:
-                return int(d.name)
-    raise AssertionError(f"no child process {name!r} of {pid}")
 
 
 def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 400) -> None:
@@ -184,7 +172,7 @@ def kill_the_driver_then_resume(model_path: str, run_dir: Path) -> None:
     )
     try:
         wait_for_step(run_dir, 1, proc)
-        raylet = child_named(proc.pid, "raylet")
+        (raylet,) = [c.pid for c in psutil.Process(proc.pid).children() if c.name() == "raylet"]
         os.kill(raylet, signal.SIGSTOP)
         time.sleep(RAYLET_STALL_S)
         os.kill(raylet, signal.SIGCONT)
