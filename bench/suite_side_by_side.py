@@ -39,9 +39,9 @@ def sh(*cmd: str, cwd: Path | None = None) -> str:
     return subprocess.run(cmd, cwd=cwd, check=True, capture_output=True, text=True).stdout
 
 
-def prepare(rev: str, work: Path, port_shift: int) -> Path:
+def prepare(rev: str, tag: str, work: Path, port_shift: int) -> Path:
     """Clean clone at ``rev`` with its own venv whose editable install points at the clone."""
-    clone = work / f"suite-{rev}"
+    clone = work / f"suite-{tag}"
     shutil.rmtree(clone, ignore_errors=True)
     sh("git", "clone", "-q", str(ROOT), str(clone))
     sh("git", "checkout", "-q", sh("git", "rev-parse", rev, cwd=ROOT).strip(), cwd=clone)
@@ -114,7 +114,7 @@ def main() -> None:
     ap.add_argument("pytest_args", nargs="*", help="after --: passed to both pytest runs")
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
-    clones = {"A": prepare(args.rev_a, args.work, 0), "B": prepare(args.rev_b, args.work, -2)}
+    clones = {"A": prepare(args.rev_a, "A", args.work, 0), "B": prepare(args.rev_b, "B", args.work, -2)}
     t0 = time.perf_counter()
     runs = {tag: launch(clone, tag, args.work, args.pytest_args) for tag, clone in clones.items()}
     wall, cpu, rc = {}, {}, {}
