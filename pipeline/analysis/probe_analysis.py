@@ -9,6 +9,12 @@ Pure over ``metrics.jsonl`` rows. For each probed lr, pooled over the given runs
   be the natural-PG law's magnitude for a tabular softmax; a network's logits do not move by ``lr * A``,
   so only its constancy across small lrs (the first-order regime) is the law's claim;
 - ``sign_agreement``: share of probes where the measured change has the sign of ``-Cov_token``.
+
+``decomposition_summary`` walks the chain from the measured change to the law one link at a time, over
+probes that carry the first-order terms ``probe/dH_linear`` and ``probe/dH_tabular``: measured -> the
+network's first-order term (curvature at that lr) -> the lookup-table term (parameter sharing) -> the
+batch covariances (sampled states and actions instead of the per-state expectation). The link whose
+correlation drops is where the law stops describing the step.
 """
 
 from __future__ import annotations
@@ -63,21 +69,25 @@ def probe_summary(runs_rows: list[list[dict[str, Any]]]) -> list[dict[str, Any]]
     return out
 
 
-def render_probe_table(summary: list[dict[str, Any]]) -> str:
-    def f(x, spec):
-        return "n/a" if x is None else format(x, spec)
+def _fmt(x: float | None, spec: str) -> str:
+    return "n/a" if x is None else format(x, spec)
 
-    lines = [
-        "| SGD lr | probes | corr(dH, −Cov) token | corr, per-group form | corr, vanilla-PG form | dH / (−lr·Cov) | sign agrees | mean dH |",
-        "|---|---|---|---|---|---|---|---|",
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows]) + "\n"
+
+
+def render_probe_table(summary: list[dict[str, Any]]) -> str:
+    header = ["SGD lr", "probes", "corr(dH, −Cov) token", "corr, per-group form", "corr, vanilla-PG form"]
+    header += ["dH / (−lr·Cov)", "sign agrees", "mean dH"]
+    rows = [
+        [f"{s['lr']:g}", str(s["n"]), _fmt(s["corr_token"], ".2f"), _fmt(s["corr_group"], ".2f")]
+        + [_fmt(s["corr_vanilla"], ".2f"), _fmt(s["slope"], ".2f"), _fmt(s["sign_agreement"], ".0%")]
+        + [_fmt(s["measured_mean"], ".2e")]
+        for s in summary
     ]
-    for s in summary:
-        lines.append(
-            f"| {s['lr']:g} | {s['n']} | {f(s['corr_token'], '.2f')} | {f(s['corr_group'], '.2f')} | "
-            f"{f(s['corr_vanilla'], '.2f')} | {f(s['slope'], '.2f')} | {f(s['sign_agreement'], '.0%')} | "
-            f"{f(s['measured_mean'], '.2e')} |"
-        )
-    return "\n".join(lines) + "\n"
+    return _table(header, rows)
 
 
 def plot_probes(arm_rows: dict[str, list[list[dict[str, Any]]]], path: Path) -> Path | None:
@@ -108,3 +118,58 @@ def plot_probes(arm_rows: dict[str, list[list[dict[str, Any]]]], path: Path) -> 
     fig.tight_layout()
     fig.savefig(path)
     return path
+
+
+LINEAR, TABULAR = "probe/dH_linear", "probe/dH_tabular"
+
+
+def _column(rows: list[dict[str, Any]], key: str, need: tuple[str, ...]) -> np.ndarray:
+    return np.array([float(r[key]) for r in rows if all(k in r for k in need)])
+
+
+def _link(name: str, cause: str, y: np.ndarray, x: np.ndarray) -> dict[str, Any]:
+    """Pearson r of ``y`` on ``x``, the least-squares factor through the origin, and sign agreement."""
+    return {
+        "link": name,
+        "cause": cause,
+        "n": int(y.size),
+        "corr": pearson(y, x),
+        "slope": float(y @ x / (x @ x)) if x.size and x @ x > 0 else None,
+        "sign_agreement": float(np.mean(np.sign(y) == np.sign(x))) if y.size else None,
+    }
+
+
+def decomposition_summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The chain measured -> dH_linear -> dH_tabular -> -Cov over the probes in ``rows`` that carry the
+    first-order terms (all quantities per unit lr; empty when no probe has them)."""
+    need = (LINEAR, TABULAR, *FORMS.values())
+    lin, tab = _column(rows, LINEAR, need), _column(rows, TABULAR, need)
+    if not lin.size:
+        return []
+    cov = {form: -_column(rows, key, need) for form, key in FORMS.items()}
+    links = []
+    for lr in sorted({lr for lr in probe_lrs(rows)}):
+        key = f"{PREFIX}{lr:g}"
+        meas = _column(rows, key, (*need, key)) / lr
+        lin_lr = _column(rows, LINEAR, (*need, key))
+        links.append(_link(f"measured dH/lr at lr {lr:g} vs network first order", "curvature", meas, lin_lr))
+    links.append(_link("network first order vs lookup-table first order", "parameter sharing", lin, tab))
+    links.append(
+        _link("lookup-table first order vs −Cov(log π, π·A) batch", "batch estimate", tab, cov["vanilla"])
+    )
+    links.append(
+        _link("lookup-table first order vs −Cov(log π, A) batch", "batch estimate", tab, cov["token"])
+    )
+    links.append(_link("lookup-table first order vs −Cov per group", "batch estimate", tab, cov["group"]))
+    links.append(_link("network first order vs −Cov(log π, A) batch", "end to end", lin, cov["token"]))
+    return links
+
+
+def render_decomposition_table(links: list[dict[str, Any]]) -> str:
+    header = ["link", "what separates the two", "probes", "corr", "factor (through 0)", "sign agrees"]
+    rows = [
+        [x["link"], x["cause"], str(x["n"]), _fmt(x["corr"], ".2f"), _fmt(x["slope"], ".3g")]
+        + [_fmt(x["sign_agreement"], ".0%")]
+        for x in links
+    ]
+    return _table(header, rows)

@@ -23,7 +23,13 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.analysis.probe_analysis import plot_probes, probe_summary, render_probe_table
+from pipeline.analysis.probe_analysis import (
+    decomposition_summary,
+    plot_probes,
+    probe_summary,
+    render_decomposition_table,
+    render_probe_table,
+)
 from pipeline.analysis.runs import as_float, fit_run_law, load_run, paired, pass_at_k_keys, pearson, series
 from pipeline.analysis.study_figures import plot_study
 from pipeline.core.law import fit_law
@@ -321,12 +327,19 @@ def analyze(runs: dict[str, dict[int, Path]], out: Path, baseline: str = "grpo")
             "\n**SGD entropy probes, all arms and seeds pooled (claim 3 in the first-order regime)**\n\n"
             + render_probe_table(probes)
         )
+    links = decomposition_summary([row for runs in arm_rows.values() for r in runs for row in r])
+    if links:
+        text += (
+            "\n**From the measured change to the law, one link at a time (per unit lr, probes pooled)**\n\n"
+            + render_decomposition_table(links)
+        )
     (out / "study.md").write_text(text)
     result = {
         "per_run": per_run,
         "aggregate": agg,
         "paired_differences": diffs,
         "probes": probes,
+        "probe_decomposition": links,
         "figures": [str(p) for p in figures],
     }
     (out / "study.json").write_text(json.dumps(result, indent=1, default=str))

@@ -52,6 +52,28 @@ def first_order_entropy_change(logits_before: Tensor, logits_after: Tensor) -> T
     return -cov
 
 
+def tabular_pg_entropy_change(
+    logits: Tensor, labels: Tensor, advantages: Tensor, temperature: float = 1.0
+) -> Tensor:
+    """Per state, the lemma's first-order entropy change per unit step when the logits themselves are the
+    parameters (a lookup-table softmax policy) and one plain gradient step is taken on ``-A * log pi(label)``.
+
+    The step moves the raw logits by ``dz = A (onehot(label) - pi) / T`` (pi = softmax(z / T)), so the
+    change is ``-Cov_pi(log pi, dz / T) = -A Cov_pi(log pi, onehot(label) - pi) / T^2``: the sampled-action
+    form of the vanilla-PG term ``-Cov(log pi, pi A)``. A network shares parameters between states, so its
+    real step is this one filtered through its tangent kernel; ``pipeline.core.entropy_probe`` measures both.
+    Shapes (N, V), (N,), (N,) -> (N,).
+    """
+    logp = torch.log_softmax(_wide(logits) / temperature, dim=-1)
+    p = logp.exp()
+    ent = -(p * logp).sum(-1)
+    centred = logp + ent[:, None]  # log pi - E[log pi]
+    cov = centred.gather(-1, labels[:, None]).squeeze(-1) * p.gather(-1, labels[:, None]).squeeze(-1) - (
+        p * p * centred
+    ).sum(-1)
+    return -_wide(advantages) * cov / temperature**2
+
+
 @torch.no_grad()
 def predicted_entropy_change(
     logprobs: Tensor, advantages: Tensor, mask: Tensor, lr_scale: float = 1.0, *, form: str = "natural"

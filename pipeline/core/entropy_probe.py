@@ -10,7 +10,15 @@ batch (teacher-forced, full distribution at every response position), and restor
 bit-for-bit. Nothing of it reaches the run: the gradient is taken with ``torch.autograd.grad`` (no
 ``.grad`` is touched, no optimizer or engine state) and the weights are copied back.
 
-Logged beside the measured change, from the same batch and weights:
+Logged beside the measured change, from the same batch and weights, two first-order terms per unit lr
+that split the gap between the measured change and the covariance law into its causes:
+- ``probe/dH_linear``: ``-grad(H) . g``, the exact first-order change of the network's step (the measured
+  ``dH@lr / lr`` tends to it as lr -> 0; what remains at a probed lr is curvature);
+- ``probe/dH_tabular``: the same step if every response position's logits were free parameters (the
+  lemma's lookup-table softmax, ``entropy_dynamics.tabular_pg_entropy_change``); ``dH_linear`` differs
+  from it only through parameter sharing (the network's tangent kernel couples positions). Both cost
+  about a third of a probe (one more backward, one more forward; bench/README.md);
+and the batch estimates the paper tracks:
 - ``probe/cov_token``: ``Cov(log pi, A)`` over response tokens (natural-PG form: dH ~ -eta Cov);
 - ``probe/cov_token_vanilla``: ``Cov(log pi, pi * A)`` (vanilla-PG logit step);
 - ``probe/cov_group``: the paper's check, per prompt group over its responses with length-normalised
@@ -28,8 +36,18 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from pipeline.core.entropy_dynamics import predicted_entropy_change, predicted_entropy_change_by_group
-from pipeline.core.model_forward import batch_logprobs, make_micro_batch, micro_batches, response_logprobs
+from pipeline.core.entropy_dynamics import (
+    predicted_entropy_change,
+    predicted_entropy_change_by_group,
+    tabular_pg_entropy_change,
+)
+from pipeline.core.model_forward import (
+    MicroBatch,
+    batch_logprobs,
+    make_micro_batch,
+    micro_batches,
+    response_logprobs,
+)
 from schemas.batches import TrainBatch
 
 
@@ -55,16 +73,18 @@ def sgd_entropy_probe(
     model.eval()
     try:
         logp0, ent0 = batch_logprobs(model, batch, rows, with_entropy=True, **fwd)
-        grads = _policy_gradient(
-            model,
-            batch,
-            params,
-            temperature=temperature,
-            micro_batch_size=micro_batch_size,
-            full_logits=full_logits,
+        grads = _batch_gradient(model, batch, params, of="policy_gradient", **fwd)
+        entropy_grads = _batch_gradient(model, batch, params, of="entropy", **fwd)
+        linear = -sum(
+            float((g * h).sum(dtype=torch.float64)) for g, h in zip(grads, entropy_grads, strict=True)
         )
+        tabular = _tabular_change(model, batch, **fwd)
         saved = [p.detach().clone() for p in params]
-        out = {"probe/entropy_before": float(ent0.mean())}
+        out = {
+            "probe/entropy_before": float(ent0.mean()),
+            "probe/dH_linear": linear,
+            "probe/dH_tabular": tabular,
+        }
         for lr in lrs:
             with torch.no_grad():
                 for p, g in zip(params, grads, strict=True):
@@ -81,25 +101,70 @@ def sgd_entropy_probe(
     return out | {"probe/grad_norm": grad_sq**0.5} | _covariances(batch, logp0)
 
 
-def _policy_gradient(
-    model, batch: TrainBatch, params, *, temperature: float, micro_batch_size: int, full_logits: bool
+def _batch_gradient(
+    model, batch: TrainBatch, params, *, of: str, temperature: float, micro_batch_size: int, full_logits: bool
 ) -> list[torch.Tensor]:
-    """d/dtheta of ``-sum_t A_t log pi_t / n_tokens`` over the batch, accumulated over micro-batches."""
+    """d/dtheta over the batch, accumulated over micro-batches, of the on-policy PG loss
+    ``-sum_t A_t log pi_t / n_tokens`` (``of="policy_gradient"``) or the mean token entropy (``"entropy"``)."""
     n_tokens = max(int(batch.response_lengths.sum()), 1)
     grads = [torch.zeros_like(p, dtype=torch.float32) for p in params]
+    entropy = of == "entropy"
     for part in micro_batches(np.arange(len(batch)), micro_batch_size):
         mb = make_micro_batch(batch, part)
         with torch.enable_grad():
-            lp, _ = response_logprobs(
-                model, mb, temperature=temperature, with_entropy=False, full_logits=full_logits
+            lp, ent = response_logprobs(
+                model, mb, temperature=temperature, with_entropy=entropy, full_logits=full_logits
             )
-            adv = torch.from_numpy(batch.advantages[part])[:, None] * mb.response_mask
-            loss = -(adv * lp).sum() / n_tokens
+            if entropy:
+                loss = (ent * mb.response_mask).sum() / n_tokens
+            else:
+                adv = torch.from_numpy(batch.advantages[part])[:, None] * mb.response_mask
+                loss = -(adv * lp).sum() / n_tokens
             parts = torch.autograd.grad(loss, params, allow_unused=True)
         for acc, g in zip(grads, parts, strict=True):
             if g is not None:
                 acc.add_(g.float())
     return grads
+
+
+@torch.no_grad()
+def _tabular_change(
+    model,
+    batch: TrainBatch,
+    *,
+    temperature: float,
+    micro_batch_size: int,
+    full_logits: bool,
+    chunk: int = 1024,
+) -> float:
+    """First-order mean-entropy change per unit lr of the probe's step on a lookup-table policy: each response
+    position's logits move by ``-d loss / dz`` alone, so the change is ``sum_t tabular_t / n_tokens^2``."""
+    n_tokens = max(int(batch.response_lengths.sum()), 1)
+    total = 0.0
+    for part in micro_batches(np.arange(len(batch)), micro_batch_size):
+        mb = make_micro_batch(batch, part)
+        labels = mb.labels[mb.response_mask]
+        adv = (torch.from_numpy(batch.advantages[part])[:, None] * mb.response_mask)[mb.response_mask]
+        for start, logits in _response_logits(model, mb, full_logits=full_logits, chunk=chunk):
+            sl = slice(start, start + logits.shape[0])
+            total += float(tabular_pg_entropy_change(logits, labels[sl], adv[sl], temperature).sum())
+    return total / n_tokens**2
+
+
+def _response_logits(model, mb: MicroBatch, *, full_logits: bool, chunk: int):
+    """``(offset, logits)`` chunks of the full next-token logits at ``mb``'s response positions (flat order)."""
+    mask = mb.response_mask
+    if full_logits:
+        out = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, use_cache=False).logits
+    else:
+        out = model.base_model(
+            input_ids=mb.input_ids, attention_mask=mb.attention_mask, use_cache=False
+        ).last_hidden_state
+    picked = out[torch.arange(out.shape[0])[:, None], mb.positions][mask]
+    weight = None if full_logits else model.get_output_embeddings().weight
+    for start in range(0, picked.shape[0], chunk):
+        part = picked[start : start + chunk]
+        yield start, part if weight is None else part @ weight.t()
 
 
 def _covariances(batch: TrainBatch, logp: np.ndarray) -> dict[str, float]:

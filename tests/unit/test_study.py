@@ -129,6 +129,40 @@ def test_probe_summary_recovers_the_slope_and_correlations(tmp_path):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_decomposition_finds_the_link_that_breaks():
+    """Synthetic chain: measured = lr * linear (+ curvature at the large lr), linear unrelated to tabular,
+    tabular = 3 x the vanilla-form prediction. The summary must put the break at parameter sharing."""
+    import random
+
+    from pipeline.analysis.probe_analysis import decomposition_summary, render_decomposition_table
+
+    rng = random.Random(3)
+    rows = []
+    for _ in range(60):
+        cov = rng.uniform(0.0, 0.02)
+        lin, tab = -rng.uniform(0.01, 0.05), -3 * cov
+        rows.append(
+            {
+                "probe/cov_token": cov,
+                "probe/cov_group": cov,
+                "probe/cov_token_vanilla": cov,
+                "probe/dH_linear": lin,
+                "probe/dH_tabular": tab,
+                "probe/dH@lr0.001": 1e-3 * lin,
+                "probe/dH@lr0.1": 0.1 * lin + rng.gauss(0, 2e-3),
+            }
+        )
+    rows.append({"step": 61})  # a row without probes is skipped
+    links = {x["link"]: x for x in decomposition_summary(rows)}
+    assert links["measured dH/lr at lr 0.001 vs network first order"]["corr"] > 0.999
+    assert links["measured dH/lr at lr 0.1 vs network first order"]["corr"] < 0.99
+    assert abs(links["network first order vs lookup-table first order"]["corr"]) < 0.4
+    vanilla = links["lookup-table first order vs −Cov(log π, π·A) batch"]
+    assert vanilla["corr"] > 0.999 and vanilla["slope"] == pytest.approx(3.0) and vanilla["n"] == 60
+    assert "| parameter sharing | 60 |" in render_decomposition_table(list(links.values()))
+    assert decomposition_summary([{"probe/cov_token": 0.1}]) == []
+
+
 def test_study_reports_pass_at_k_and_probes(tmp_path):
     runs = {}
     for arm, bonus in (("grpo", 0.0), ("kl_cov", 0.05)):
