@@ -117,42 +117,47 @@ def sample_batch(model, tokenizer, cfg, rows: list[dict], seed: int) -> TrainBat
 
 
 def plot(rows: list[dict], lrs: list[float], path: Path) -> None:
-    """Three panels: measured dH/lr vs the network's first-order term (smallest lr), the network's term vs
-    the lookup-table term, the lookup-table term vs the batch covariance (vanilla form)."""
+    """Three panels, one per link: measured dH/lr (smallest lr) vs the network's first-order term (same
+    units: y = x is the law of that link), the network's term vs the lookup-table term, the lookup-table
+    term vs the batch covariance (their scales differ by orders of magnitude: each panel has its own axes
+    and the least-squares line through 0; r in the title)."""
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(13.5, 4.2), dpi=120)
+    from pipeline.analysis.runs import pearson
+
+    fig = Figure(figsize=(13.5, 4.4), dpi=120)
     axes = fig.subplots(1, 3)
     lr = min(lrs)
     arms = sorted({r["arm"] for r in rows})
     panels = (
-        (
-            lambda r: r[LINEAR],
-            lambda r: r[lr_key(lr)] / lr,
-            "network first order",
-            f"measured dH / lr (lr {lr:g})",
-        ),
-        (lambda r: r[TABULAR], lambda r: r[LINEAR], "lookup-table first order", "network first order"),
-        (
-            lambda r: -r[FORMS["vanilla"]],
-            lambda r: r[TABULAR],
-            "−Cov(log π, π·A), batch",
-            "lookup-table first order",
-        ),
+        (LINEAR, lambda r: r[lr_key(lr)] / lr, "network first order", f"measured dH / lr (lr {lr:g})"),
+        (TABULAR, lambda r: r[LINEAR], "lookup-table first order", "network first order"),
+        (FORMS["token"], lambda r: r[TABULAR], "−Cov(log π, A), batch", "lookup-table first order"),
     )
-    for ax, (fx, fy, xl, yl) in zip(axes, panels, strict=True):
-        lim = 0.0
+    for n, (ax, (kx, fy, xl, yl)) in enumerate(zip(axes, panels, strict=True)):
+        sign = -1.0 if kx.startswith("probe/cov") else 1.0
+        xs, ys = [], []
         for i, arm in enumerate(arms):
             pts = [r for r in rows if r["arm"] == arm]
-            x, y = np.array([fx(r) for r in pts]), np.array([fy(r) for r in pts])
+            x, y = np.array([sign * r[kx] for r in pts]), np.array([fy(r) for r in pts])
             ax.scatter(x, y, s=10, alpha=0.7, color=f"C{i}", label=arm)
-            lim = max(lim, float(np.abs(np.concatenate([x, y])).max()))
-        ax.plot([-lim, lim], [-lim, lim], color="0.5", lw=0.8, ls="--", label="y = x")
+            xs.append(x)
+            ys.append(y)
+        x, y = np.concatenate(xs), np.concatenate(ys)
+        k = float(x @ y / (x @ x))
+        grid = np.linspace(x.min(), x.max(), 2)
+        ax.plot(grid, k * grid, color="k", lw=1.0, label="least squares through 0")
+        if n == 0:
+            ax.plot(grid, grid, color="0.5", lw=0.8, ls="--", label="y = x")
+        ax.set_title(f"r = {pearson(x, y):.2f}", fontsize="medium")
         ax.set_xlabel(xl)
         ax.set_ylabel(yl)
+        ax.ticklabel_format(style="sci", scilimits=(-2, 2))
         ax.grid(True, alpha=0.3)
     axes[0].legend(fontsize="small")
-    fig.suptitle("Entropy change of one SGD step (per unit lr), one link of the law at a time")
+    fig.suptitle(
+        "Entropy change of one SGD step per unit lr: from the measurement to the law, one link at a time"
+    )
     fig.tight_layout()
     fig.savefig(path)
 
@@ -172,47 +177,58 @@ def main() -> None:
     store = args.out / "probe_rows.jsonl"
     rows = [json.loads(x) for x in store.read_text().splitlines()] if store.is_file() else []
     done = {(r["run"], r["step"], r["batch"]) for r in rows}
-    warm_done: dict[tuple, dict] = {}  # the warm start is shared by runs of one seed: probe it once per seed
     t0 = time.perf_counter()
     todo = [(d, s) for d in args.runs for s in args.steps]
     for k, (run_dir, step) in enumerate(todo, start=1):
         cfg = load_config(run_dir / "config.yaml")
         arm, seed = run_dir.name.rsplit("-seed", 1)
-        if all((run_dir.name, step, b) in done for b in range(args.batches)):
+        if step == 0:  # every arm of a seed starts from the same weights: probed once per seed
+            arm = "warm start"
+        name = f"{arm.replace(' ', '_')}-seed{seed}"
+        if all((name, step, b) in done for b in range(args.batches)):
             continue
         model, tok = load_policy(run_dir, step, cfg)
         train_rows = make_rows(cfg.data.synthetic, "train")
         for b in range(args.batches):
-            if (run_dir.name, step, b) in done:
+            if (name, step, b) in done:
                 continue
-            key = ("warm", seed, b)
-            if step == 0 and key in warm_done:
-                row = warm_done[key] | {"run": run_dir.name, "arm": arm}
-            else:
-                batch, reward = sample_batch(
-                    model, tok, cfg, train_rows, seed=1000 * step + 17 * int(seed) + b
-                )
-                m = sgd_entropy_probe(
-                    model,
-                    batch,
-                    lrs=cfg.learner.entropy_probe.lrs,
-                    temperature=cfg.generator.temperature,
-                    micro_batch_size=cfg.learner.micro_batch_size,
-                )
-                row = {"run": run_dir.name, "arm": arm, "seed": int(seed), "step": step, "batch": b}
-                row |= m | {"reward": reward, "tokens": int(batch.response_lengths.sum())}
-                if step == 0:
-                    warm_done[key] = row
+            batch, reward = sample_batch(model, tok, cfg, train_rows, seed=1000 * step + 17 * int(seed) + b)
+            m = sgd_entropy_probe(
+                model,
+                batch,
+                lrs=cfg.learner.entropy_probe.lrs,
+                temperature=cfg.generator.temperature,
+                micro_batch_size=cfg.learner.micro_batch_size,
+            )
+            row = {"run": name, "arm": arm, "seed": int(seed), "step": step, "batch": b}
+            row |= m | {"reward": reward, "tokens": int(batch.response_lengths.sum())}
             rows.append(row)
+            done.add((name, step, b))
             with store.open("a") as f:
                 f.write(json.dumps(row) + "\n")
         elapsed = time.perf_counter() - t0
         print(f"[probe] {k}/{len(todo)} {run_dir.name} step {step}: {elapsed:.0f} s", flush=True)
     lrs = sorted(cfg.learner.entropy_probe.lrs)
-    links = decomposition_summary(rows)
+    steps = sorted({r["step"] for r in rows})
+    trained = {r["run"] for r in rows if r["step"]}
+    by_step = {s: decomposition_summary([r for r in rows if r["step"] == s]) for s in steps}
+    per_step = [
+        [x["link"], *(f"{by_step[s][i]['corr']:.2f}" for s in steps)]
+        for i, x in enumerate(decomposition_summary(rows))
+    ]
+    header = ["link", *(("warm start" if s == 0 else f"step {s}") for s in steps)]
     (args.out / "probe_decomposition.md").write_text(
-        f"{len(rows)} probes ({len({r['run'] for r in rows})} runs, checkpoint steps "
-        f"{sorted({r['step'] for r in rows})}), per unit lr, pooled.\n\n" + render_decomposition_table(links)
+        f"{len(rows)} probes ({args.batches} on-policy batches per checkpoint) of the warm start and of "
+        f"{len(trained)} trained runs at steps {[s for s in steps if s]}; every quantity per unit lr.\n\n"
+        "**All probes pooled**\n\n"
+        + render_decomposition_table(decomposition_summary(rows))
+        + "\n**Correlation of each link, by checkpoint**\n\n"
+        + "| "
+        + " | ".join(header)
+        + " |\n|"
+        + "---|" * len(header)
+        + "\n"
+        + "".join("| " + " | ".join(r) + " |\n" for r in per_step)
     )
     plot(rows, lrs, args.out / "probe_decomposition.png")
     print((args.out / "probe_decomposition.md").read_text())
