@@ -25,12 +25,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipeline.analysis.report import build_report  # noqa: E402
-from pipeline.analysis.study import analyze  # noqa: E402
+from pipeline.analysis.study import analyze, arm_sort_key  # noqa: E402
 from pipeline.driver import checkpoint as ckpt  # noqa: E402
 from pipeline.train import main as train_main  # noqa: E402
 
 STUDIES = Path(__file__).resolve().parent.parent / "configs" / "study"
-ORDER = ("grpo", "clip_higher", "clip_cov", "kl_cov", "entropy_bonus", "controller", "controller_clip")
 
 
 def main() -> None:
@@ -46,7 +45,7 @@ def main() -> None:
     ap.add_argument("--publish", default=None, help="copy study.md/json and figures here after every run")
     args = ap.parse_args()
     study = STUDIES / args.study
-    arms_all = sorted((p.stem for p in study.glob("*.yaml")), key=lambda a: (ORDER + (a,)).index(a))
+    arms_all = sorted((p.stem for p in study.glob("*.yaml")), key=lambda a: (arm_sort_key(a), a))
     arms = args.arms.split(",") if args.arms else arms_all
     unknown = sorted(set(arms) - set(arms_all))
     if unknown:

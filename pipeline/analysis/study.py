@@ -39,6 +39,22 @@ LAW_EARLY_FRACTION = 0.5  # eval points used to predict the ceiling (claim 2)
 MIN_EARLY_LAW_POINTS = 3
 MA_WINDOW = 10
 PASS_K_DIFFS = ("pass@4_end", "pass@16_end", "pass@64_end")
+# table and figure order of a study's arms: the baseline, the peer method, the paper's methods, the rest
+ARM_ORDER = ("grpo", "clip_higher", "clip_cov", "kl_cov", "entropy_bonus", "controller", "controller_clip")
+
+
+def arm_sort_key(arm: str) -> int:
+    """Position of ``arm`` in ``ARM_ORDER`` (arms not listed go last)."""
+    return ARM_ORDER.index(arm) if arm in ARM_ORDER else len(ARM_ORDER)
+
+
+def runs_in(root: Path) -> dict[str, dict[int, Path]]:
+    """``{arm: {seed: run_dir}}`` of the ``<arm>-seed<N>`` directories under ``root``, arms in table order."""
+    found: dict[str, dict[int, Path]] = {}
+    for d in sorted(p for p in Path(root).iterdir() if p.is_dir() and "-seed" in p.name):
+        arm, seed = d.name.rsplit("-seed", 1)
+        found.setdefault(arm, {})[int(seed)] = d
+    return {arm: found[arm] for arm in sorted(found, key=arm_sort_key)}
 
 
 def _moving_average(x: np.ndarray, w: int) -> np.ndarray:
