@@ -148,7 +148,7 @@ def decomposition_summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         return []
     cov = {form: -_column(rows, key, need) for form, key in FORMS.items()}
     links = []
-    for lr in sorted({lr for lr in probe_lrs(rows)}):
+    for lr in probe_lrs(rows):
         key = f"{PREFIX}{lr:g}"
         meas = _column(rows, key, (*need, key)) / lr
         lin_lr = _column(rows, LINEAR, (*need, key))
