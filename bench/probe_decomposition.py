@@ -39,7 +39,7 @@ from pipeline.analysis.probe_analysis import (  # noqa: E402
     decomposition_summary,
     render_decomposition_table,
 )
-from pipeline.core.advantages import compute_advantages  # noqa: E402
+from pipeline.core.advantages import advantages_from_config  # noqa: E402
 from pipeline.core.entropy_probe import lr_key, sgd_entropy_probe  # noqa: E402
 from pipeline.data.tasks import make_rows, task_spec  # noqa: E402
 from pipeline.data.tiny_model import ensure_tiny_model  # noqa: E402
@@ -101,9 +101,7 @@ def sample_batch(model, tokenizer, cfg, rows: list[dict], seed: int) -> TrainBat
         seqs.append(prompt + resp)
         p_len.append(len(prompt))
     index = np.repeat(np.arange(len(picked)), sched.group_size)
-    adv_cfg = cfg.algorithm.advantage
-    kwargs = {"norm_by_std": adv_cfg.norm_by_std, "eps": adv_cfg.eps} if adv_cfg.name == "grpo" else {}
-    adv = compute_advantages(adv_cfg.name, torch.tensor(rewards), torch.from_numpy(index), **kwargs)
+    adv = advantages_from_config(cfg.algorithm.advantage, torch.tensor(rewards), torch.from_numpy(index))
     n_resp = sum(len(s) - p for s, p in zip(seqs, p_len, strict=True))
     return TrainBatch(
         step=0,

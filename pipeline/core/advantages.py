@@ -26,6 +26,8 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
+from schemas.run_config import AdvantageConfig
+
 AdvantageFn = Callable[..., torch.Tensor]
 _REGISTRY: dict[str, AdvantageFn] = {}
 
@@ -52,6 +54,12 @@ def get_advantage(name: str) -> AdvantageFn:
 def compute_advantages(name: str, scores: torch.Tensor, prompt_index=None, **kwargs) -> torch.Tensor:
     """Shortcut: ``get_advantage(name)(scores, prompt_index, **kwargs)``."""
     return get_advantage(name)(scores, prompt_index, **kwargs)
+
+
+def advantages_from_config(cfg: AdvantageConfig, scores: torch.Tensor, prompt_index=None) -> torch.Tensor:
+    """The configured estimator (``algorithm.advantage``) with its settings: what a run trains on."""
+    kwargs = {"norm_by_std": cfg.norm_by_std, "eps": cfg.eps} if cfg.name == "grpo" else {}
+    return compute_advantages(cfg.name, scores, prompt_index, **kwargs)
 
 
 def _flatten_groups(scores: torch.Tensor, prompt_index) -> tuple[torch.Tensor, torch.Tensor, int]:

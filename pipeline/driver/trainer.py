@@ -20,7 +20,7 @@ import numpy as np
 import ray
 import torch
 
-from pipeline.core.advantages import compute_advantages
+from pipeline.core.advantages import advantages_from_config
 from pipeline.core.batching import build_train_batch
 from pipeline.core.entropy_control import EntropyController
 from pipeline.core.recipe import fill_informative, handle_overlong, reward_metrics
@@ -135,13 +135,9 @@ class Trainer:
         return scored, gen_stats, fill.prompt_ids, metrics
 
     def advantages(self, scored: ScoredBatch, rewards: np.ndarray | None = None) -> np.ndarray:
-        adv_cfg = self.cfg.algorithm.advantage
-        kwargs: dict[str, Any] = {}
-        if adv_cfg.name == "grpo":
-            kwargs = {"norm_by_std": adv_cfg.norm_by_std, "eps": adv_cfg.eps}
         rewards = scored.rewards if rewards is None else rewards
-        adv = compute_advantages(
-            adv_cfg.name, torch.tensor(rewards), torch.tensor(scored.rollout.prompt_index), **kwargs
+        adv = advantages_from_config(
+            self.cfg.algorithm.advantage, torch.tensor(rewards), torch.tensor(scored.rollout.prompt_index)
         )
         return adv.numpy().astype(np.float32)
 

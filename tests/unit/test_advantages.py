@@ -86,3 +86,15 @@ def test_broadcast_and_errors():
         grpo_advantage(torch.zeros(4))
     with pytest.raises(ValueError, match="unknown advantage"):
         get_advantage("ppo")
+
+
+def test_advantages_from_config_passes_the_configured_settings():
+    from pipeline.core.advantages import advantages_from_config
+    from schemas.run_config import AdvantageConfig
+
+    s, ids = torch.tensor([1.0, 0.0, 1.0, 1.0]), np.array([0, 0, 1, 1])
+    dr_grpo = advantages_from_config(AdvantageConfig(name="grpo", norm_by_std=False), s, ids)
+    torch.testing.assert_close(dr_grpo, torch.tensor([0.5, -0.5, 0.0, 0.0]))
+    torch.testing.assert_close(
+        advantages_from_config(AdvantageConfig(name="rloo"), s, ids), compute_advantages("rloo", s, ids)
+    )
