@@ -17,7 +17,7 @@ that split the gap between the measured change and the covariance law into its c
 - ``probe/dH_tabular``: the same step if every response position's logits were free parameters (the
   lemma's lookup-table softmax, ``entropy_dynamics.tabular_pg_entropy_change``); ``dH_linear`` differs
   from it only through parameter sharing (the network's tangent kernel couples positions). Both cost
-  about a third of a probe (one more backward, one more forward; bench/README.md);
+  about a third of a probe (one more backward, one more no-grad forward; bench/README.md);
 and the batch estimates the paper tracks:
 - ``probe/cov_token``: ``Cov(log pi, A)`` over response tokens (natural-PG form: dH ~ -eta Cov);
 - ``probe/cov_token_vanilla``: ``Cov(log pi, pi * A)`` (vanilla-PG logit step);
@@ -73,8 +73,7 @@ def sgd_entropy_probe(
     model.eval()
     try:
         logp0, ent0 = batch_logprobs(model, batch, rows, with_entropy=True, **fwd)
-        grads = _batch_gradient(model, batch, params, of="policy_gradient", **fwd)
-        entropy_grads = _batch_gradient(model, batch, params, of="entropy", **fwd)
+        grads, entropy_grads = _batch_gradients(model, batch, params, **fwd)
         linear = -sum(
             float((g * h).sum(dtype=torch.float64)) for g, h in zip(grads, entropy_grads, strict=True)
         )
@@ -101,30 +100,30 @@ def sgd_entropy_probe(
     return out | {"probe/grad_norm": grad_sq**0.5} | _covariances(batch, logp0)
 
 
-def _batch_gradient(
-    model, batch: TrainBatch, params, *, of: str, temperature: float, micro_batch_size: int, full_logits: bool
-) -> list[torch.Tensor]:
+def _batch_gradients(
+    model, batch: TrainBatch, params, *, temperature: float, micro_batch_size: int, full_logits: bool
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """d/dtheta over the batch, accumulated over micro-batches, of the on-policy PG loss
-    ``-sum_t A_t log pi_t / n_tokens`` (``of="policy_gradient"``) or the mean token entropy (``"entropy"``)."""
+    ``-sum_t A_t log pi_t / n_tokens`` and of the mean token entropy, from one forward per micro-batch."""
     n_tokens = max(int(batch.response_lengths.sum()), 1)
-    grads = [torch.zeros_like(p, dtype=torch.float32) for p in params]
-    entropy = of == "entropy"
+    pg = [torch.zeros_like(p, dtype=torch.float32) for p in params]
+    ent_grads = [torch.zeros_like(p, dtype=torch.float32) for p in params]
     for part in micro_batches(np.arange(len(batch)), micro_batch_size):
         mb = make_micro_batch(batch, part)
         with torch.enable_grad():
             lp, ent = response_logprobs(
-                model, mb, temperature=temperature, with_entropy=entropy, full_logits=full_logits
+                model, mb, temperature=temperature, with_entropy=True, full_logits=full_logits
             )
-            if entropy:
-                loss = (ent * mb.response_mask).sum() / n_tokens
-            else:
-                adv = torch.from_numpy(batch.advantages[part])[:, None] * mb.response_mask
-                loss = -(adv * lp).sum() / n_tokens
-            parts = torch.autograd.grad(loss, params, allow_unused=True)
-        for acc, g in zip(grads, parts, strict=True):
-            if g is not None:
-                acc.add_(g.float())
-    return grads
+            adv = torch.from_numpy(batch.advantages[part])[:, None] * mb.response_mask
+            pg_loss = -(adv * lp).sum() / n_tokens
+            ent_mean = (ent * mb.response_mask).sum() / n_tokens
+            pg_parts = torch.autograd.grad(pg_loss, params, allow_unused=True, retain_graph=True)
+            ent_parts = torch.autograd.grad(ent_mean, params, allow_unused=True)
+        for accs, parts in ((pg, pg_parts), (ent_grads, ent_parts)):
+            for acc, g in zip(accs, parts, strict=True):
+                if g is not None:
+                    acc.add_(g.float())
+    return pg, ent_grads
 
 
 @torch.no_grad()
